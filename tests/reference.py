@@ -1,0 +1,75 @@
+"""Independent NumPy references, written from vLLM's formulas (never by calling w8a8_jax).
+
+Quantization is emulated in float32 exactly as vLLM's kernels compute it; GEMMs are float64.
+"""
+
+import ml_dtypes
+import numpy as np
+
+FP8_MAX = {np.dtype(ml_dtypes.float8_e4m3fn): 448.0, np.dtype(ml_dtypes.float8_e4m3fnuz): 224.0}
+
+
+def to_np(x) -> np.ndarray:
+    """Any array (JAX, NumPy, bf16, fp8) as a NumPy array of its own dtype."""
+    return np.asarray(x)
+
+
+def fp8_cast(values_f32: np.ndarray, fp8_dtype) -> np.ndarray:
+    bound = np.float32(FP8_MAX[np.dtype(fp8_dtype)])
+    return np.clip(values_f32.astype(np.float32), -bound, bound).astype(fp8_dtype)
+
+
+def quant_static(x, scale, fp8_dtype=ml_dtypes.float8_e4m3fn) -> np.ndarray:
+    """Codes for a static per-tensor scale: fp8(clamp(x * (1/s))) in float32."""
+    x = to_np(x).astype(np.float32)
+    inverse = np.float32(1.0) / np.float32(np.asarray(scale).reshape(()))
+    return fp8_cast(x * inverse, fp8_dtype)
+
+
+def quant_dynamic_per_tensor(x, fp8_dtype=ml_dtypes.float8_e4m3fn):
+    """(codes, scale (1,)) with s = amax / max (float32 division)."""
+    x = to_np(x).astype(np.float32)
+    scale = np.float32(np.abs(x).max()) / np.float32(FP8_MAX[np.dtype(fp8_dtype)])
+    return quant_static(x, scale, fp8_dtype), np.array([scale], np.float32)
+
+
+def quant_dynamic_per_token(x, scale_ub=None, fp8_dtype=ml_dtypes.float8_e4m3fn):
+    """(codes, scales (M, 1)) with s_m = max(min(amax_m, ub) / max, 1 / (max * 512))."""
+    x = to_np(x).astype(np.float32)
+    fp8_max = np.float32(FP8_MAX[np.dtype(fp8_dtype)])
+    amax = np.abs(x).max(axis=1, keepdims=True)
+    if scale_ub is not None:
+        amax = np.minimum(amax, np.float32(np.asarray(scale_ub).reshape(())))
+    scale = np.maximum(amax / fp8_max, np.float32(1.0) / (fp8_max * np.float32(512.0))).astype(np.float32)
+    return fp8_cast(x / scale, fp8_dtype), scale
+
+
+def scaled_mm(qinput, weight, scale_a, scale_b, bias=None) -> np.ndarray:
+    """float64 `scale_a * scale_b * (qinput @ weight.T) + bias`; scales (1,)/(M,1) and (1,)/(N,1)."""
+    acc = to_np(qinput).astype(np.float64) @ to_np(weight).astype(np.float64).T
+    out = acc * np.asarray(scale_a, np.float64).reshape(-1, 1) * np.asarray(scale_b, np.float64).reshape(1, -1)
+    if bias is not None:
+        out = out + to_np(bias).astype(np.float64)
+    return out
+
+
+def gemm_tolerance(k: int, out_dtype) -> float:
+    """Relative (to max |ref|) error bound for a scaled fp8 GEMM with K terms rounded to out_dtype.
+
+    Rounding to the output dominates: half an ulp relative (bf16 2^-8, f16 2^-11, f32 2^-24) of the
+    largest output, plus float32 accumulation, whose error grows at most like K * 2^-24 and in
+    practice like sqrt(K) * 2^-24. A wrong scale, a transposed operand or a dropped bias moves the
+    result by orders of magnitude more.
+    """
+    unit = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24}[np.dtype(out_dtype).name]
+    return 2 * unit + 4 * np.sqrt(k) * 2.0**-24
+
+
+def assert_gemm_close(out, ref, k: int, out_dtype) -> None:
+    """Checks out against the float64 reference with `gemm_tolerance`, scaled by max |ref|."""
+    out = to_np(out).astype(np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert np.isfinite(out).all(), "non-finite output"
+    err = np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)
+    tol = gemm_tolerance(k, out_dtype)
+    assert err <= tol, f"max error {err:.3g} (relative to max |ref|) exceeds {tol:.3g}"

@@ -1,0 +1,43 @@
+"""w8a8_jax: FP8 W8A8 linear layers for JAX (vLLM's Fp8LinearOp semantics on XLA and Pallas)."""
+
+from w8a8_jax.dtypes import FP8_E4M3FN, FP8_E4M3FNUZ, fp8_max
+from w8a8_jax.linear import Fp8LinearOp, bucket_rows
+from w8a8_jax.platform import fp8_dtype, fused_fp8_supported
+from w8a8_jax.quantization import scaled_fp8_quant
+from w8a8_jax.scaled_mm import (
+    dispatch_w8a8_scaled_mm,
+    fused_w8a8_scaled_mm,
+    xla_channelwise_w8a8_scaled_mm,
+    xla_per_tensor_w8a8_scaled_mm,
+    xla_per_token_w8a8_scaled_mm,
+)
+from w8a8_jax.weight_utils import (
+    all_close_1d,
+    convert_to_channelwise,
+    normalize_e4m3fn_to_e4m3fnuz,
+    per_tensor_dequantize,
+    requantize_with_max_scale,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FP8_E4M3FN",
+    "FP8_E4M3FNUZ",
+    "Fp8LinearOp",
+    "all_close_1d",
+    "bucket_rows",
+    "convert_to_channelwise",
+    "dispatch_w8a8_scaled_mm",
+    "fp8_dtype",
+    "fp8_max",
+    "fused_fp8_supported",
+    "fused_w8a8_scaled_mm",
+    "normalize_e4m3fn_to_e4m3fnuz",
+    "per_tensor_dequantize",
+    "requantize_with_max_scale",
+    "scaled_fp8_quant",
+    "xla_channelwise_w8a8_scaled_mm",
+    "xla_per_tensor_w8a8_scaled_mm",
+    "xla_per_token_w8a8_scaled_mm",
+]

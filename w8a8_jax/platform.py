@@ -1,0 +1,121 @@
+"""Platform capabilities: the platform's fp8 dtype and the fused Pallas kernels registered per backend.
+
+vLLM reads these from `current_platform` (fp8 dtype, CUTLASS support). Here they come from the JAX
+backend and from a registry the kernel packages fill in; `override` replaces them for tests.
+"""
+
+import contextlib
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+
+from w8a8_jax import dtypes
+
+ScaledMM = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedKernel:
+    """A platform's fused fp8 kernels.
+
+    Attributes:
+      scaled_mm: `(qinput, weight, scale_a, scale_b, bias, out_dtype) -> (M, N)`, the signature of
+        every scaled-GEMM path.
+      supports_device: whether a given `jax.Device` can run the kernels (e.g. compute capability).
+      supports_shape: `(k, n) -> bool`, whether the GEMM takes that contraction and output width;
+        where it does not, the XLA paths run instead.
+      per_token_quant: optional fused dynamic per-token quantizer,
+        `(input (M, K), scale_ub (1,) | None, fp8_dtype) -> (q (M, K), scale (M, 1))`.
+    """
+
+    scaled_mm: ScaledMM
+    supports_device: Callable[[jax.Device], bool]
+    supports_shape: Callable[[int, int], bool] = lambda k, n: True
+    per_token_quant: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+
+
+# Kernel packages register themselves on import; these are imported on the first query.
+_KERNEL_MODULES = {"gpu": "w8a8_jax.kernels.gpu", "tpu": "w8a8_jax.kernels.tpu"}
+_registry: dict[str, FusedKernel] = {}
+_overrides: dict[str, object] = {}
+
+
+def register_fused_kernel(backend: str, kernel: FusedKernel) -> None:
+    """Makes `kernel` the fused path on `backend` ("gpu" or "tpu")."""
+    _registry[backend] = kernel
+
+
+def _default_device() -> jax.Device:
+    return jax.devices()[0]
+
+
+def fused_kernel() -> FusedKernel | None:
+    """The fused kernel usable on the default device, or None."""
+    if "fused_kernel" in _overrides:
+        return _overrides["fused_kernel"]
+    device = _default_device()
+    backend = device.platform
+    module = _KERNEL_MODULES.get(backend)
+    if module is not None and backend not in _registry:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+    kernel = _registry.get(backend)
+    if kernel is None or not kernel.supports_device(device):
+        return None
+    return kernel
+
+
+def fused_fp8_supported() -> bool:
+    """Whether a fused Pallas fp8 GEMM runs on the default device (vLLM: `cutlass_fp8_supported`)."""
+    return fused_kernel() is not None
+
+
+def is_rocm() -> bool:
+    """Whether the default device is an AMD GPU."""
+    device = _default_device()
+    return device.platform == "gpu" and "rocm" in device.client.platform_version.lower()
+
+
+def fp8_dtype() -> np.dtype:
+    """The fp8 dtype this platform quantizes to: float8_e4m3fnuz on ROCm, else float8_e4m3fn."""
+    if "fp8_dtype" in _overrides:
+        return np.dtype(_overrides["fp8_dtype"])
+    return np.dtype(dtypes.FP8_E4M3FNUZ if is_rocm() else dtypes.FP8_E4M3FN)
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors (GPU) or cores of the default device; 1 where it has none."""
+    if "num_sms" in _overrides:
+        return _overrides["num_sms"]
+    return getattr(_default_device(), "core_count", 1)
+
+
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def override(
+    *,
+    fused_kernel: FusedKernel | None = _UNSET,
+    fp8_dtype=_UNSET,
+    num_sms: int = _UNSET,
+) -> Iterator[None]:
+    """Replaces platform answers inside the block, e.g. to run a kernel's path on CPU in tests.
+
+    `fused_kernel=None` makes `fused_fp8_supported()` false; a `FusedKernel` makes it true.
+    """
+    saved = dict(_overrides)
+    for name, value in (("fused_kernel", fused_kernel), ("fp8_dtype", fp8_dtype), ("num_sms", num_sms)):
+        if value is not _UNSET:
+            _overrides[name] = value
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)

@@ -1,0 +1,127 @@
+"""The scaled fp8 GEMM paths and vLLM's decision tree that picks one.
+
+Every path computes `out = (scale_a * scale_b) * (qinput @ weight.T) + bias` in float32 and rounds
+once to `out_dtype`, with the same signature:
+
+  fn(qinput,   # (M, K) fp8
+     weight,   # (N, K) fp8, the checkpoint layout; contracted on K of both operands
+     scale_a,  # (1,) per-tensor or (M, 1) per-token, float32
+     scale_b,  # (1,) per-tensor or (N, 1) per-channel, float32
+     bias,     # (N,) or None
+     out_dtype) -> (M, N) out_dtype
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from w8a8_jax import platform, validation
+
+# Contract K (dim 1) of qinput (M, K) with K (dim 1) of weight (N, K): both operands K-major, the
+# layout fp8 tensor cores and cuBLASLt's fp8 GEMM take without a transpose.
+_CONTRACT_K = (((1,), (1,)), ((), ()))
+
+
+def check_operands(qinput, weight, scale_a, scale_b, bias, out_dtype):
+    """Validates the GEMM operands; returns `(scale_a, scale_b, bias, out_dtype)` normalized."""
+    validation.check_fp8("qinput", qinput)
+    validation.check_fp8("weight", weight)
+    if qinput.dtype != weight.dtype:
+        raise TypeError(f"qinput and weight must share one fp8 dtype, got {qinput.dtype} and {weight.dtype}")
+    (m, k), (n, weight_k) = qinput.shape, weight.shape
+    if weight_k != k:
+        raise ValueError(f"weight must be (N, K) with K={k} (qinput's last dim), got shape {tuple(weight.shape)}")
+    scale_a = validation.as_scale("scale_a", scale_a)
+    scale_b = validation.as_scale("scale_b", scale_b)
+    validation.check_row_scale("scale_a", scale_a, m, "token (row of qinput)")
+    validation.check_row_scale("scale_b", scale_b, n, "output channel (row of weight)")
+    validation.check_scale_values("scale_a", scale_a)
+    validation.check_scale_values("scale_b", scale_b)
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        validation.check_float_input("bias", bias)
+    return scale_a, scale_b, bias, validation.check_out_dtype(out_dtype)
+
+
+def apply_scales(acc, scale_a, scale_b, bias, out_dtype) -> jax.Array:
+    """The epilogue: `acc (M, N)` float32 -> `scale_a * scale_b * acc + bias`, rounded once."""
+    if validation.is_per_tensor(scale_a) and validation.is_per_tensor(scale_b):
+        out = acc * (scale_a.reshape(()) * scale_b.reshape(()))
+    else:
+        out = acc * scale_a.reshape(-1, 1) * scale_b.reshape(1, -1)
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out.astype(out_dtype)
+
+
+def _fp8_dot(qinput, weight) -> jax.Array:
+    return jax.lax.dot_general(qinput, weight, _CONTRACT_K, preferred_element_type=jnp.float32)
+
+
+def xla_per_tensor_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype) -> jax.Array:
+    """Per-tensor scales only: fp8 `dot_general` (cuBLASLt fp8 on Hopper), scalar scale, bias."""
+    scale_a, scale_b, bias, out_dtype = check_operands(qinput, weight, scale_a, scale_b, bias, out_dtype)
+    if not (validation.is_per_tensor(scale_a) and validation.is_per_tensor(scale_b)):
+        raise ValueError(
+            "xla_per_tensor_w8a8_scaled_mm takes per-tensor scales only, got "
+            f"scale_a {tuple(scale_a.shape)} and scale_b {tuple(scale_b.shape)}"
+        )
+    return apply_scales(_fp8_dot(qinput, weight), scale_a, scale_b, bias, out_dtype)
+
+
+def xla_per_token_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype) -> jax.Array:
+    """Rowwise: fp8 `dot_general` to float32, then `(M, 1) x (1, N)` scales and bias in one fusion."""
+    scale_a, scale_b, bias, out_dtype = check_operands(qinput, weight, scale_a, scale_b, bias, out_dtype)
+    return apply_scales(_fp8_dot(qinput, weight), scale_a, scale_b, bias, out_dtype)
+
+
+def xla_channelwise_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype) -> jax.Array:
+    """The portable fallback: a float32 GEMM on the upcast codes, then scales, then bias.
+
+    Exact at default precision: fp8 codes (4 significant bits) are representable in the bf16/tf32
+    inputs of reduced-precision f32 matmuls, and their products in float32.
+    """
+    scale_a, scale_b, bias, out_dtype = check_operands(qinput, weight, scale_a, scale_b, bias, out_dtype)
+    acc = jax.lax.dot_general(
+        qinput.astype(jnp.float32), weight.astype(jnp.float32), _CONTRACT_K, preferred_element_type=jnp.float32
+    )
+    return apply_scales(acc, scale_a, scale_b, bias, out_dtype)
+
+
+def fused_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype) -> jax.Array:
+    """The platform's fused Pallas GEMM (scales and bias in its epilogue); see `platform`."""
+    kernel = platform.fused_kernel()
+    if kernel is None:
+        device = jax.devices()[0]
+        raise NotImplementedError(
+            f"no fused fp8 kernel runs on {device.platform} device {device.device_kind!r}; "
+            "fused_fp8_supported() is False there: use an xla_* path or dispatch_w8a8_scaled_mm(False, ...)"
+        )
+    scale_a, scale_b, bias, out_dtype = check_operands(qinput, weight, scale_a, scale_b, bias, out_dtype)
+    k, n = qinput.shape[1], weight.shape[0]
+    if not kernel.supports_shape(k, n):
+        raise ValueError(f"the fused fp8 kernel does not take K={k}, N={n}; use an xla_* path")
+    return kernel.scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype)
+
+
+def dispatch_w8a8_scaled_mm(
+    fused_supported: bool,
+    per_tensor_weights: bool,
+    per_tensor_activations: bool,
+    use_per_token_if_dynamic: bool | None,
+) -> Callable[..., jax.Array]:
+    """vLLM's decision tree: fused kernel, else per-tensor, else rowwise, else channelwise.
+
+    CUTLASS becomes our fused Pallas kernel and `torch._scaled_mm` becomes XLA, on which rowwise
+    scaling is always available (vLLM's `USE_ROWWISE_TORCH_SCALED_MM`).
+    """
+    if fused_supported:
+        return fused_w8a8_scaled_mm
+    if per_tensor_weights and per_tensor_activations:
+        return xla_per_tensor_w8a8_scaled_mm
+    if use_per_token_if_dynamic and not per_tensor_weights and not per_tensor_activations:
+        return xla_per_token_w8a8_scaled_mm
+    return xla_channelwise_w8a8_scaled_mm

@@ -1,0 +1,71 @@
+"""Input checks shared by the public functions; each error names the argument and what was expected."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from w8a8_jax import dtypes
+
+
+def _dtype_name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def check_float_input(name: str, x: jax.Array, ndim: int | None = None) -> None:
+    """`x` must be bf16/f16/f32 (and have `ndim` dimensions if given)."""
+    if np.dtype(x.dtype) not in dtypes.FLOAT_DTYPES:
+        raise TypeError(f"{name} must be bfloat16, float16 or float32, got {_dtype_name(x.dtype)}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+
+
+def check_fp8(name: str, x: jax.Array, ndim: int = 2) -> None:
+    """`x` must be an fp8 (e4m3fn or e4m3fnuz) array with `ndim` dimensions."""
+    if not dtypes.is_fp8(x.dtype):
+        raise TypeError(f"{name} must be float8_e4m3fn or float8_e4m3fnuz, got {_dtype_name(x.dtype)}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+
+
+def check_out_dtype(out_dtype) -> np.dtype:
+    """Returns `out_dtype` as a NumPy dtype if it is bf16, f16 or f32."""
+    try:
+        dtype = np.dtype(out_dtype)
+    except TypeError:
+        dtype = None
+    if dtype not in dtypes.FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    return dtype
+
+
+def as_scale(name: str, scale) -> jax.Array:
+    """Converts a scale (array or Python number) to a float32 array, rejecting non-float dtypes."""
+    scale = jnp.asarray(scale) if not isinstance(scale, jax.Array) else scale
+    if not jnp.issubdtype(scale.dtype, jnp.floating) or dtypes.is_fp8(scale.dtype):
+        raise TypeError(f"{name} must be a float32 array (or float), got {_dtype_name(scale.dtype)}")
+    return scale.astype(jnp.float32)
+
+
+def check_scale_values(name: str, scale: jax.Array) -> None:
+    """Rejects a concrete scale with a non-finite or non-positive entry (traced scales pass)."""
+    if isinstance(scale, jax.core.Tracer):
+        return
+    values = np.asarray(scale)
+    bad = ~(np.isfinite(values) & (values > 0))
+    if bad.any():
+        raise ValueError(f"{name} must be finite and > 0, got {values[bad].ravel()[:4]} among its values")
+
+
+def is_per_tensor(scale: jax.Array) -> bool:
+    """A scale with one element (shape (), (1,) or (1, 1))."""
+    return scale.size == 1 and scale.ndim <= 2
+
+
+def check_row_scale(name: str, scale: jax.Array, rows: int, what: str) -> None:
+    """`scale` must be per-tensor or one value per row: shape (1,), (), (rows, 1) or (rows,)."""
+    if is_per_tensor(scale) or tuple(scale.shape) in ((rows, 1), (rows,)):
+        return
+    raise ValueError(
+        f"{name} must be per-tensor (shape (1,)) or one per {what} (shape ({rows}, 1)), "
+        f"got shape {tuple(scale.shape)}"
+    )

@@ -1,0 +1,91 @@
+"""Weight utilities for fp8 checkpoints: fused shards (QKV, gate/up), e4m3fnuz, dequantization."""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from w8a8_jax import dtypes, quantization, validation
+
+
+def per_tensor_dequantize(tensor: jax.Array, inv_scale, dtype=jnp.float32) -> jax.Array:
+    """`tensor.astype(dtype) * inv_scale`: fp8 codes back to real values.
+
+    vLLM dequantizes in float16; float32 is the default here because a float16 product overflows
+    once `448 * scale > 65504` and rounds twice otherwise. Pass `dtype=jnp.float16` for vLLM's.
+    """
+    return tensor.astype(dtype) * jnp.asarray(inv_scale, dtype)
+
+
+def all_close_1d(x) -> bool:
+    """Whether every entry of the 1-D `x` is close to `x[0]` (torch.allclose's rtol=1e-5, atol=1e-8)."""
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(f"x must be 1-D, got shape {x.shape}")
+    return bool(np.allclose(x, x[0], rtol=1e-5, atol=1e-8))
+
+
+def _check_shards(weight_scale: jax.Array, logical_widths: Sequence[int], rows: int | None = None) -> None:
+    if weight_scale.size < len(logical_widths):
+        raise ValueError(
+            f"weight_scale must hold one scale per shard ({len(logical_widths)} for logical_widths="
+            f"{list(logical_widths)}), got shape {tuple(weight_scale.shape)}"
+        )
+    if rows is not None and sum(logical_widths) != rows:
+        raise ValueError(f"logical_widths must sum to weight's {rows} rows, got {list(logical_widths)}")
+
+
+def requantize_with_max_scale(
+    weight: jax.Array, weight_scale: jax.Array, logical_widths: Sequence[int]
+) -> tuple[jax.Array, jax.Array]:
+    """Re-expresses a fused weight's per-shard scales as one per-tensor scale (their max).
+
+    Args:
+      weight: `(N, K)` fp8, the shards stacked on N (e.g. Q, K, V) with `logical_widths` rows each.
+      weight_scale: `(S,)` or `(S, 1)` float32, one scale per shard. A last entry still at the fp8
+        dtype's most negative value (vLLM's "not loaded" marker) means the checkpoint held one
+        scale for the fused module already, and the weight is returned unchanged.
+      logical_widths: rows per shard.
+
+    Returns:
+      `(max_w_scale, weight)`: a `()` float32 scale and the requantized `(N, K)` fp8 weight.
+    """
+    validation.check_fp8("weight", weight)
+    weight_scale = validation.as_scale("weight_scale", weight_scale).reshape(-1)
+    _check_shards(weight_scale, logical_widths, rows=weight.shape[0])
+    max_w_scale = jnp.max(weight_scale)
+    unfused_module_in_checkpoint = weight_scale[-1] > float(jnp.finfo(weight.dtype).min)
+    shard_scales = jnp.repeat(weight_scale[: len(logical_widths)], np.asarray(logical_widths),
+                              total_repeat_length=weight.shape[0])
+    dequantized = per_tensor_dequantize(weight, shard_scales[:, None])
+    requantized = quantization.quantize_per_tensor(dequantized, max_w_scale, weight.dtype)
+    return max_w_scale, jnp.where(unfused_module_in_checkpoint, requantized, weight)
+
+
+def convert_to_channelwise(weight_scale: jax.Array, logical_widths: Sequence[int]) -> jax.Array:
+    """Expands per-shard scales `(S,)` to per-channel scales `(sum(logical_widths), 1)` float32."""
+    weight_scale = validation.as_scale("weight_scale", weight_scale).reshape(-1)
+    _check_shards(weight_scale, logical_widths)
+    total = int(sum(logical_widths))
+    return jnp.repeat(weight_scale[: len(logical_widths)], np.asarray(logical_widths),
+                      total_repeat_length=total).reshape(total, 1)
+
+
+def normalize_e4m3fn_to_e4m3fnuz(
+    weight: jax.Array, weight_scale: jax.Array, input_scale: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Reinterprets e4m3fn codes as e4m3fnuz (ROCm) with doubled scales; same dequantized values.
+
+    The same bits are worth half as much in e4m3fnuz, so scales double. The bit pattern 0x80 is
+    -0 in e4m3fn but NaN in e4m3fnuz; it becomes +0.
+    """
+    if np.dtype(weight.dtype) != np.dtype(dtypes.FP8_E4M3FN):
+        raise TypeError(f"weight must be float8_e4m3fn, got {np.dtype(weight.dtype).name}")
+    bits = jax.lax.bitcast_convert_type(weight, jnp.int8)
+    bits = jnp.where(bits == -128, jnp.int8(0), bits)
+    weight = jax.lax.bitcast_convert_type(bits, dtypes.FP8_E4M3FNUZ)
+    weight_scale = validation.as_scale("weight_scale", weight_scale) * 2.0
+    if input_scale is not None:
+        input_scale = validation.as_scale("input_scale", input_scale) * 2.0
+    return weight, weight_scale, input_scale

@@ -1,0 +1,136 @@
+"""`Fp8Dense` for `flax.nnx`: an fp8 W8A8 drop-in for `nnx.Linear` over the shared `Fp8LinearOp` core."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from w8a8_jax import dense
+
+default_kernel_init = nnx.initializers.lecun_normal()
+default_bias_init = nnx.initializers.zeros_init()
+
+
+class Fp8Dense(nnx.Module):
+    """An fp8 W8A8 linear layer, `y = input_scale * weight_scale * (q(x) @ weight.T) + bias`.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from w8a8_jax.nnx import Fp8Dense
+    >>> layer = Fp8Dense(32, 64, weight_granularity="per_tensor", activation_scheme="dynamic_per_tensor",
+    ...                  rngs=nnx.Rngs(0))
+    >>> layer.weight[...].shape, layer.weight[...].dtype, layer.weight_scale[...].shape
+    ((64, 32), dtype(float8_e4m3fn), (1,))
+    >>> layer(jnp.ones((4, 32), jnp.bfloat16)).shape
+    (4, 64)
+
+    Parameters (`nnx.Param`): `weight (N, K)` fp8, `weight_scale (1,) | (N, 1)` float32,
+    `input_scale (1,)` float32 (static scheme only, else None; 1.0 until calibrated), `bias (N,)`
+    (None without bias). `from_dense` quantizes an existing float kernel instead of a random one.
+
+    Args:
+      in_features: K, the number of input features.
+      out_features: N, the number of output features.
+      use_bias: whether to add a bias (default True).
+      weight_granularity: "per_channel" (default) or "per_tensor" weight scales.
+      activation_scheme: "dynamic_per_token" (default), "dynamic_per_tensor" or "static".
+      scale_ub: upper bound on a token's amax (dynamic per-token only; default None).
+      dtype: output dtype; None (default) keeps the input's.
+      param_dtype: dtype of the float kernel drawn at init before quantization and of the bias
+        (default float32).
+      fused: allow the fused Pallas kernel; None (default) detects it.
+      fp8_dtype: float8_e4m3fn or float8_e4m3fnuz; None (default) is the platform's.
+      kernel_init: initializer of the float `(K, N)` kernel that is quantized at init.
+      bias_init: initializer of the bias.
+      rngs: the random streams (`params` draws the kernel).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        weight_granularity: dense.WeightGranularity = "per_channel",
+        activation_scheme: dense.ActivationScheme = "dynamic_per_token",
+        scale_ub: float | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        fused: bool | None = None,
+        fp8_dtype: Any = None,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = default_bias_init,
+        rngs: nnx.Rngs | None = None,
+    ):
+        scheme = dense.Fp8Scheme(weight_granularity, activation_scheme, scale_ub, fused)
+        if rngs is None:
+            raise TypeError("Fp8Dense needs rngs to draw its weight (or build it with Fp8Dense.from_dense)")
+        kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+        bias = bias_init(rngs.params(), (out_features,), param_dtype) if use_bias else None
+        self._set(dense.fp8_params(kernel, bias, scheme=scheme, fp8_dtype=fp8_dtype), scheme, in_features, dtype)
+
+    def _set(self, params: dict, scheme: dense.Fp8Scheme, in_features: int, dtype) -> None:
+        self.in_features = in_features
+        self.out_features = int(params["weight"].shape[0])
+        self.scheme = scheme
+        self.dtype = dtype
+        self.weight = nnx.Param(params["weight"])
+        self.weight_scale = nnx.Param(params["weight_scale"])
+        self.input_scale = nnx.Param(params["input_scale"]) if "input_scale" in params else None
+        self.bias = nnx.Param(params["bias"]) if "bias" in params else None
+
+    @classmethod
+    def from_dense(
+        cls,
+        kernel: jax.Array,
+        bias: jax.Array | None = None,
+        *,
+        input_scale: jax.Array | None = None,
+        weight_granularity: dense.WeightGranularity = "per_channel",
+        activation_scheme: dense.ActivationScheme = "dynamic_per_token",
+        scale_ub: float | None = None,
+        dtype: Any = None,
+        fused: bool | None = None,
+        fp8_dtype: Any = None,
+    ) -> "Fp8Dense":
+        """Quantizes a float `nnx.Linear` kernel `(K, N)` (and bias `(N,)`) into an `Fp8Dense`.
+
+        `input_scale (1,)` is the calibrated scale for the static scheme (1.0 if None).
+        """
+        scheme = dense.Fp8Scheme(weight_granularity, activation_scheme, scale_ub, fused)
+        params = dense.fp8_params(kernel, bias, scheme=scheme, input_scale=input_scale, fp8_dtype=fp8_dtype)
+        return cls.from_fp8(params, scheme=scheme, dtype=dtype)
+
+    @classmethod
+    def from_fp8(cls, params: dict, *, scheme: dense.Fp8Scheme, dtype: Any = None) -> "Fp8Dense":
+        """Wraps already-quantized parameters (`weight (N, K)` fp8, `weight_scale`, ...) in an `Fp8Dense`."""
+        out_features, in_features = params["weight"].shape
+        # Build the module abstractly (no random draw, no quantization), then put the arrays in.
+        layer = nnx.eval_shape(
+            lambda: cls(
+                in_features,
+                out_features,
+                use_bias="bias" in params,
+                weight_granularity=scheme.weight_granularity,
+                activation_scheme=scheme.activation_scheme,
+                scale_ub=scheme.scale_ub,
+                fused=scheme.fused,
+                fp8_dtype=params["weight"].dtype,
+                rngs=nnx.Rngs(0),
+            )
+        )
+        layer._set(params, scheme, in_features, dtype)
+        return layer
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        """`inputs (..., K)` -> `(..., out_features)` in `dtype` (default the input's)."""
+        return dense.fp8_dense(
+            inputs,
+            weight=self.weight[...],
+            weight_scale=self.weight_scale[...],
+            input_scale=None if self.input_scale is None else self.input_scale[...],
+            bias=None if self.bias is None else self.bias[...],
+            scheme=self.scheme,
+            out_dtype=self.dtype,
+        )

@@ -1,0 +1,176 @@
+"""Fp8LinearOp end to end (quantize, dispatch, GEMM) against float64 NumPy; bucketing; bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import reference
+from w8a8_jax import Fp8LinearOp, bucket_rows, linear, platform, xla_per_token_w8a8_scaled_mm
+from w8a8_jax.platform import FusedKernel
+
+SCHEMES = ["static", "dynamic", "dynamic_per_token", "dynamic_per_token_ub"]
+
+
+def make_layer(key, k, n, per_channel):
+    """An fp8 weight (N, K) with its scale(s), quantized from a float weight, and a bias."""
+    k1, k2 = jax.random.split(key)
+    w = np.asarray(jax.random.normal(k1, (n, k)), np.float32) * 0.05
+    amax = np.abs(w).max(axis=1, keepdims=True) if per_channel else np.abs(w).max().reshape(1)
+    weight_scale = (amax / 448).astype(np.float32)
+    weight = reference.fp8_cast(w / weight_scale.reshape(-1, 1), jnp.float8_e4m3fn)
+    bias = np.asarray(jax.random.normal(k2, (n,)), np.float32)
+    return jnp.asarray(weight), jnp.asarray(weight_scale), jnp.asarray(bias)
+
+
+def expected(x, weight, weight_scale, bias, scheme, input_scale=None, ub=None):
+    """The float64 result of vLLM's Fp8LinearOp computed with the NumPy references."""
+    x2d = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+    if scheme == "static":
+        q, s = reference.quant_static(x2d, input_scale), np.asarray(input_scale)
+    elif scheme == "dynamic":
+        q, s = reference.quant_dynamic_per_tensor(x2d)
+    else:
+        q, s = reference.quant_dynamic_per_token(x2d, ub)
+    out = reference.scaled_mm(q, weight, s, weight_scale, bias)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def run(op, x, weight, weight_scale, bias, scheme, out_dtype=None):
+    input_scale = jnp.array([0.01], jnp.float32) if scheme == "static" else None
+    ub = jnp.array([2.5], jnp.float32) if scheme == "dynamic_per_token_ub" else None
+    out = op.apply(x, weight, weight_scale, out_dtype=out_dtype, input_scale=input_scale, input_scale_ub=ub,
+                   bias=bias, use_per_token_if_dynamic=scheme.startswith("dynamic_per_token"))
+    return out, expected(x, weight, weight_scale, bias, scheme, input_scale, ub)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("shape", [(1, 64), (7, 1024), (2, 17, 96)])
+def test_apply(key, scheme, per_channel, dtype, shape):
+    k1, k2 = jax.random.split(key)
+    x = (jax.random.normal(k1, shape) * 2).astype(dtype)
+    weight, weight_scale, bias = make_layer(k2, shape[-1], 48, per_channel)
+    out, ref = run(Fp8LinearOp(fused_supported=False), x, weight, weight_scale, bias, scheme)
+    assert out.shape == (*shape[:-1], 48) and out.dtype == dtype
+    reference.assert_gemm_close(out, ref, shape[-1], dtype)
+
+
+@pytest.mark.parametrize("pad_output", [False, True])
+def test_jit_equals_eager(key, pad_output):
+    k1, k2 = jax.random.split(key)
+    x = jax.random.normal(k1, (3, 11, 128), jnp.bfloat16)
+    weight, weight_scale, bias = make_layer(k2, 128, 64, per_channel=True)
+    op = Fp8LinearOp(fused_supported=False, use_per_token_if_dynamic=True, pad_output=pad_output)
+    eager = op.apply(x, weight, weight_scale, bias=bias)
+    jitted = jax.jit(lambda *a: op.apply(*a, bias=bias))(x, weight, weight_scale)
+    np.testing.assert_array_equal(np.asarray(jitted, np.float32), np.asarray(eager, np.float32))
+
+
+def test_out_dtype_and_fp8_input(key):
+    k1, k2 = jax.random.split(key)
+    x = jax.random.normal(k1, (9, 64), jnp.float32)
+    weight, weight_scale, bias = make_layer(k2, 64, 32, per_channel=False)
+    op = Fp8LinearOp(fused_supported=False)
+    out, ref = run(op, x, weight, weight_scale, bias, "dynamic", out_dtype=jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16
+    reference.assert_gemm_close(out, ref, 64, jnp.bfloat16)
+    # Pre-quantized fp8 input skips quantization and uses its input_scale.
+    codes = jnp.asarray(reference.quant_static(x, 0.02))
+    out = op.apply(codes, weight, weight_scale, input_scale=jnp.array([0.02]), bias=bias)
+    assert out.dtype == jnp.bfloat16
+    reference.assert_gemm_close(out, reference.scaled_mm(codes, weight, [0.02], weight_scale, bias), 64, jnp.bfloat16)
+
+
+def test_buckets_bound_compiles_and_keep_results(key):
+    """M in 1..4096 runs through one compiled program per bucket (28 in all), results unchanged.
+
+    Every M up to 64 and a random sample above it (each new M also compiles the tiny pad and
+    slice around the program, ~50 ms each on CPU, so all 4096 would make a slow test).
+    """
+    k1, k2, k3 = jax.random.split(key, 3)
+    weight, weight_scale, bias = make_layer(k2, 16, 16, per_channel=True)
+    pool = jax.random.normal(k1, (4096, 16), jnp.float32)
+    op = Fp8LinearOp(fused_supported=False, use_per_token_if_dynamic=True)
+    unpadded = Fp8LinearOp(fused_supported=False, use_per_token_if_dynamic=True, pad_output=False)
+    sample = np.random.default_rng(int(jax.random.randint(k3, (), 0, 2**30))).integers(65, 4097, 120)
+    rows = sorted({*range(1, 65), *sample.tolist(), 4096})
+    linear._linear_2d.clear_cache()
+    for m in rows:
+        op.apply(pool[:m], weight, weight_scale, bias=bias)
+    assert linear._linear_2d._cache_size() == len({bucket_rows(m) for m in rows})
+    assert len({bucket_rows(m) for m in range(1, 4097)}) == 28
+    for m in (1, 7, 65, 1025, 3001):  # padding rows change nothing in the rows kept
+        np.testing.assert_array_equal(
+            np.asarray(op.apply(pool[:m], weight, weight_scale, bias=bias)),
+            np.asarray(unpadded.apply(pool[:m], weight, weight_scale, bias=bias)),
+        )
+
+
+@pytest.mark.parametrize("m, bucket", [(1, 8), (8, 8), (9, 16), (64, 64), (65, 80), (1025, 1280), (4096, 4096)])
+def test_bucket_rows(m, bucket):
+    assert bucket_rows(m) == bucket
+    assert m <= bucket_rows(m) <= (max(8, 2 * m) if m <= 64 else 1.25 * m)
+
+
+def test_fused_kernel_is_dispatched_where_shape_allows(key):
+    calls = []
+
+    def kernel(*args):
+        calls.append(args[0].shape)
+        return xla_per_token_w8a8_scaled_mm(*args)
+
+    fake = FusedKernel(scaled_mm=kernel, supports_device=lambda d: True, supports_shape=lambda k, n: n % 16 == 0)
+    k1, k2 = jax.random.split(key)
+    x = jax.random.normal(k1, (5, 64), jnp.bfloat16)
+    with platform.override(fused_kernel=fake):
+        op = Fp8LinearOp(use_per_token_if_dynamic=True)
+        assert op.fused_supported
+        for n, fused in [(32, True), (40, False)]:
+            calls.clear()
+            weight, weight_scale, bias = make_layer(k2, 64, n, per_channel=True)
+            out, ref = run(op, x, weight, weight_scale, bias, "dynamic_per_token")
+            reference.assert_gemm_close(out, ref, 64, jnp.bfloat16)
+            assert bool(calls) == fused
+
+
+def test_fused_requested_without_kernel():
+    with platform.override(fused_kernel=None):
+        assert not Fp8LinearOp().fused_supported
+        with pytest.raises(ValueError, match="no fused fp8 kernel"):
+            Fp8LinearOp(fused_supported=True)
+
+
+def _layer():
+    return jnp.ones((8, 16), jnp.float32).astype(jnp.float8_e4m3fn), jnp.full((8, 1), 0.1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"input": jnp.ones((4, 15))}, ValueError, r"input must be \(..., K\) with K=16"),
+        ({"input": jnp.ones((4, 16), jnp.int32)}, TypeError, "input must be bfloat16"),
+        ({"weight": jnp.ones((8, 16))}, TypeError, "weight must be float8"),
+        ({"weight_scale": jnp.ones((4, 1))}, ValueError, "weight_scale must be per-tensor"),
+        ({"weight_scale": jnp.zeros((8, 1))}, ValueError, "weight_scale must be finite and > 0"),
+        ({"input_scale": jnp.array([jnp.nan])}, ValueError, "input_scale must be finite and > 0"),
+        ({"input_scale": jnp.ones((4, 1))}, ValueError, r"input_scale must have shape \(1,\)"),
+        ({"input_scale_ub": jnp.array([1.0])}, ValueError, "input_scale_ub applies only"),
+        ({"bias": jnp.ones(7)}, ValueError, r"bias must have shape \(8,\)"),
+        ({"out_dtype": jnp.int32}, ValueError, "out_dtype must be"),
+        ({"input": jnp.ones((4, 16)).astype(jnp.float8_e4m3fn)}, ValueError, "fp8 input needs its input_scale"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    weight, weight_scale = _layer()
+    args = {"input": jnp.ones((4, 16), jnp.bfloat16), "weight": weight, "weight_scale": weight_scale} | kwargs
+    with pytest.raises(error, match=match):
+        Fp8LinearOp(fused_supported=False).apply(**args)
+
+
+def test_errors_raise_at_trace_time():
+    weight, weight_scale = _layer()
+    op = Fp8LinearOp(fused_supported=False)
+    with pytest.raises(ValueError, match="K=16"):
+        jax.jit(lambda x: op.apply(x, weight, weight_scale)).lower(jax.ShapeDtypeStruct((4, 15), jnp.bfloat16))

@@ -1,0 +1,1 @@
+"""Tests of the Pallas kernels, mirroring `w8a8_jax/kernels`."""

@@ -1,0 +1,49 @@
+"""Pallas TPU kernels: the rowwise-scaled fp8 GEMM and the fused per-token quant, registered on import.
+
+What runs where (generation from `jax.Device.device_kind`, see `hardware`):
+  v7 (TPU7x):          fp8 (e4m3fn) operands go to the MXU as they are.
+  v5e, v6e, v5p, v4:   fp8 moves from HBM (half of bf16's bytes) and each tile is upcast to bfloat16
+                       in VMEM (exact) before the MXU; e4m3fnuz takes this path on every generation.
+  other TPUs:          not supported; `supports_device` is False and the XLA paths run.
+Everywhere: float32 accumulation in VMEM, scales and bias in the last-k epilogue, one rounding.
+These kernels were verified in TPU interpret mode on CPU only; see docs/tpu.md.
+"""
+
+import functools
+
+from jax.experimental.pallas import tpu as pltpu
+
+from w8a8_jax import platform
+from w8a8_jax.kernels.tpu import hardware
+from w8a8_jax.kernels.tpu.quant import per_token_quant
+from w8a8_jax.kernels.tpu.scaled_mm import fused_quant_scaled_mm, w8a8_scaled_mm
+from w8a8_jax.kernels.tpu.tuned_block_sizes import BlockSizes
+
+__all__ = [
+    "BlockSizes",
+    "fused_quant_scaled_mm",
+    "make_fused_kernel",
+    "per_token_quant",
+    "supports_device",
+    "w8a8_scaled_mm",
+]
+
+
+def supports_device(device) -> bool:
+    """Whether `device` is a TPU of a supported generation (v4, v5e, v5p, v6e, v7)."""
+    return hardware.generation_of(device) is not None
+
+
+def make_fused_kernel(
+    *, generation: str | None = None, interpret: pltpu.InterpretParams | bool | None = None
+) -> platform.FusedKernel:
+    """The TPU `FusedKernel`; `generation` and `interpret` (e.g. `pltpu.InterpretParams()` on CPU)
+    are passed to every call, so tests can run the TPU kernels through the dispatch off TPU."""
+    return platform.FusedKernel(
+        scaled_mm=functools.partial(w8a8_scaled_mm, generation=generation, interpret=interpret),
+        supports_device=supports_device,
+        per_token_quant=functools.partial(per_token_quant, generation=generation, interpret=interpret),
+    )
+
+
+platform.register_fused_kernel("tpu", make_fused_kernel())

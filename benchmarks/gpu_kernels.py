@@ -1,0 +1,287 @@
+"""Hopper kernels: check, then time the fused fp8 GEMM and the per-token quant against XLA and torch.
+
+One run, one device: correctness against the float64 reference first, then per shape the median
+time of our kernel (rowwise and per-tensor scales), the XLA per-tensor and rowwise paths and
+`torch._scaled_mm` per-tensor and rowwise; then per-token quant (ours, XLA, a plain copy) in
+bytes/s. Prints a short table last; full numbers go to `$OUT/gpu_kernels.json` (or `--json`).
+
+  python benchmarks/gpu_kernels.py [--quick] [--json PATH]
+
+Timing: every timed call gets distinct activations (a jitted loop over R pre-made inputs returns
+all R outputs, so XLA can neither merge nor drop calls; torch loops over the same R inputs), one
+warm-up, then the median of `--reps` timed loops, divided by R. Neither side flushes L2.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import reference  # noqa: E402
+
+from w8a8_jax import quantization, scaled_mm  # noqa: E402
+from w8a8_jax.kernels.gpu import scaled_mm as gpu_mm  # noqa: E402
+from w8a8_jax.kernels.gpu import tuned_block_sizes as tbs  # noqa: E402
+
+try:
+    from w8a8_jax.kernels.gpu import quant as gpu_quant  # noqa: E402
+except ImportError:
+    gpu_quant = None
+
+M_VALUES = (1, 8, 16, 64, 128, 1024, 4096, 8192)
+KN = ((4096, 6144), (4096, 28672), (14336, 4096), (8192, 10240), (8192, 57344), (28672, 8192))
+R = 8  # distinct activation sets per timed loop
+
+
+def _fp8(key, shape):
+    return jax.random.uniform(key, shape, jnp.float32, -1.5, 1.5).astype(jnp.float8_e4m3fn)
+
+
+def time_jax(fn, inputs, reps):
+    """Median seconds per call of fn over the R distinct inputs."""
+    looped = jax.jit(lambda xs: [fn(x) for x in xs])
+    jax.block_until_ready(looped(inputs))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(looped(inputs))
+        times.append((time.perf_counter() - start) / len(inputs))
+    return statistics.median(times)
+
+
+def time_torch(fn, inputs, reps):
+    import torch
+
+    for x in inputs:
+        fn(x)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for x in inputs:
+            fn(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(inputs))
+    return statistics.median(times)
+
+
+def check_gemm(results):
+    """Kernel vs float64 reference on shapes covering both schedules, odd M, bias, out dtypes."""
+    key = jax.random.key(0)
+    cases = [
+        (1, 4096, 6144, "rowwise", True, jnp.bfloat16),
+        (7, 4096, 4096, "per_tensor", False, jnp.float16),
+        (33, 4096, 1024, "rowwise", True, jnp.float32),
+        (64, 8192, 1024, "rowwise", False, jnp.bfloat16),
+        (65, 4096, 1024, "rowwise", True, jnp.bfloat16),
+        (300, 4096, 640, "per_tensor", True, jnp.float32),
+        (1024, 4096, 1024, "rowwise", True, jnp.bfloat16),
+        (256, 14336, 512, "rowwise", False, jnp.float32),
+        (8, 14336, 512, "rowwise", False, jnp.float32),
+    ]
+    for m, k, n, scales, with_bias, out_dtype in cases:
+        key, ka, kb, ks, kt, kbias = jax.random.split(key, 6)
+        a, b = _fp8(ka, (m, k)), _fp8(kb, (n, k))
+        if scales == "rowwise":
+            sa = jax.random.uniform(ks, (m, 1), jnp.float32, 0.01, 0.1)
+            sb = jax.random.uniform(kt, (n, 1), jnp.float32, 0.01, 0.1)
+        else:
+            sa, sb = jnp.array([0.05], jnp.float32), jnp.array([0.02], jnp.float32)
+        bias = jax.random.normal(kbias, (n,), jnp.float32).astype(out_dtype) if with_bias else None
+        out = jax.jit(gpu_mm.scaled_mm, static_argnums=5)(a, b, sa, sb, bias, out_dtype)
+        ref = reference.scaled_mm(a, b, sa, sb, bias)
+        out64 = np.asarray(out).astype(np.float64)
+        err = float(np.abs(out64 - ref).max() / np.abs(ref).max())
+        tol = reference.gemm_tolerance(k, out_dtype)
+        ok = bool(np.isfinite(out64).all() and err <= tol)
+        results.append(dict(kind="gemm_check", m=m, k=k, n=n, scales=scales, bias=with_bias,
+                            out_dtype=jnp.dtype(out_dtype).name, err=err, tol=tol, ok=ok))
+        print(f"check gemm {m}x{k}x{n} {scales} bias={with_bias} {jnp.dtype(out_dtype).name}: "
+              f"err {err:.3g} tol {tol:.3g} {'OK' if ok else 'FAIL'}", flush=True)
+
+
+def check_quant(results):
+    key = jax.random.key(1)
+    for m, k, dtype in ((1, 4096, jnp.bfloat16), (77, 4096, jnp.bfloat16), (1024, 8192, jnp.bfloat16),
+                        (100, 1024, jnp.float32), (64, 2048, jnp.float16)):
+        key, kx = jax.random.split(key)
+        x = (jax.random.normal(kx, (m, k), jnp.float32) * 3).astype(dtype)
+        q, s = jax.jit(gpu_quant.per_token_quant, static_argnums=2)(x, None, jnp.float8_e4m3fn)
+        q_ref, s_ref = quantization.quantize_per_token(x, None, jnp.float8_e4m3fn)
+        same = bool((np.asarray(q).view(np.uint8) == np.asarray(q_ref).view(np.uint8)).all()
+                    and (np.asarray(s) == np.asarray(s_ref)).all())
+        results.append(dict(kind="quant_check", m=m, k=k, dtype=jnp.dtype(dtype).name, identical=same))
+        print(f"check quant {m}x{k} {jnp.dtype(dtype).name}: {'IDENTICAL' if same else 'DIFFERENT'}", flush=True)
+
+
+GEMM_VARIANTS = {
+    # name -> config passed to the kernel (None: chosen by shape, the registered default)
+    "ours_rowwise": None,
+}
+EXPLORE = {
+    "promote_128x128_m": tbs.GemmConfig(tile_m=64, tile_n=128, wg_split="m"),
+    "promote_64x256_n": tbs.GemmConfig(tile_m=64, tile_n=128, wg_split="n"),
+    "promote_128x128_w8": tbs.GemmConfig(tile_m=64, tile_n=128, wg_split="m", grid_tile_width=8),
+    "nopromote_128x256_n": tbs.GemmConfig(tile_m=128, tile_n=128, wg_split="n", promote=False),
+    "dec_128_s6_u2": tbs.DecodeConfig(tile_n=128, stages=6, min_units_per_sm=2),
+    "dec_128_s8_u1": tbs.DecodeConfig(tile_n=128, stages=8, min_units_per_sm=1),
+    "dec_256_s4_u1": tbs.DecodeConfig(tile_n=256, stages=4, min_units_per_sm=1),
+    "dec_64_s8_u4": tbs.DecodeConfig(tile_n=64, stages=8, min_units_per_sm=4),
+    "dec_128_s6_u2_nopromote": tbs.DecodeConfig(tile_n=128, stages=6, min_units_per_sm=2, promote=False),
+}
+
+
+def bench_gemm(results, m_values, kn_values, reps, explore=False):
+    """Each timed call gets its own activation AND weight (R pairs): XLA merges dots that share an
+    operand (its dot merger), which would time one batched GEMM instead of R layers."""
+    import torch
+
+    key = jax.random.key(2)
+    for k, n in kn_values:
+        key, kb = jax.random.split(key)
+        weights = [_fp8(kk, (n, k)) for kk in jax.random.split(kb, R)]
+        w_scale_row = jnp.full((n, 1), 0.01, jnp.float32)
+        w_scale_t = jnp.array([0.01], jnp.float32)
+        tws = [torch.empty((n, k), device="cuda").uniform_(-1.5, 1.5).to(torch.float8_e4m3fn) for _ in range(R)]
+        tw_scale_row = torch.full((1, n), 0.01, device="cuda")
+        one = torch.tensor(0.01, device="cuda")
+        for m in m_values:
+            keys = jax.random.split(jax.random.fold_in(key, m), R)
+            xs = [(_fp8(kk, (m, k)), jnp.full((m, 1), 0.02, jnp.float32), w) for kk, w in zip(keys, weights)]
+            txs = [(torch.empty((m, k), device="cuda").uniform_(-1.5, 1.5).to(torch.float8_e4m3fn), tw) for tw in tws]
+            t_scale_row = torch.full((m, 1), 0.02, device="cuda")
+            flops = 2.0 * m * n * k
+            row = dict(kind="gemm", m=m, k=k, n=n)
+            variants = {
+                "ours_rowwise": lambda x: gpu_mm.scaled_mm(x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16),
+                "xla_tensor": lambda x: scaled_mm.xla_per_tensor_w8a8_scaled_mm(
+                    x[0], x[2], w_scale_t, w_scale_t, None, jnp.bfloat16),
+                "xla_rowwise": lambda x: scaled_mm.xla_per_token_w8a8_scaled_mm(
+                    x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16),
+            }
+            if m >= 1024:  # per-tensor scales run the same kernel; measured where it is compute-bound
+                variants["ours_tensor"] = lambda x: gpu_mm.scaled_mm(
+                    x[0], x[2], w_scale_t, w_scale_t, None, jnp.bfloat16)
+            if explore:
+                small = m <= gpu_mm.DECODE_MAX_M
+                for name, config in EXPLORE.items():
+                    if name.startswith("dec_") == small:
+                        variants[name] = (lambda c: lambda x: gpu_mm.scaled_mm(
+                            x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16, config=c))(config)
+            for name, fn in variants.items():
+                try:
+                    row[name] = time_jax(fn, xs, reps)
+                except Exception as err:  # a failing variant is reported, not fatal
+                    row[name] = None
+                    print(f"{name} {m}x{k}x{n} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            row["torch_tensor"] = time_torch(
+                lambda x: torch._scaled_mm(x[0], x[1].t(), one, one, out_dtype=torch.bfloat16), txs, reps)
+            row["torch_rowwise"] = time_torch(
+                lambda x: torch._scaled_mm(x[0], x[1].t(), t_scale_row, tw_scale_row, out_dtype=torch.bfloat16),
+                txs, reps)
+            row["tflops"] = {v: (flops / t / 1e12 if t else None) for v, t in row.items()
+                             if v not in ("kind", "m", "k", "n")}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            del xs, txs
+        del weights, tws
+
+
+def bench_quant(results, shapes, reps):
+    import torch  # noqa: F401
+
+    key = jax.random.key(3)
+    for m, k in shapes:
+        keys = jax.random.split(jax.random.fold_in(key, m * k), R)
+        xs = [jax.random.normal(kk, (m, k), jnp.float32).astype(jnp.bfloat16) for kk in keys]
+        nbytes = m * k * 2 + m * k + m * 4  # read bf16, write fp8 codes and scales
+        row = dict(kind="quant", m=m, k=k)
+        variants = {
+            "xla": lambda x: quantization.quantize_per_token(x, None, jnp.float8_e4m3fn),
+            "copy": lambda x: x + jnp.bfloat16(1),  # reads and writes 2 bytes an element
+        }
+        if gpu_quant is not None:
+            variants["ours"] = lambda x: gpu_quant.per_token_quant(x, None, jnp.float8_e4m3fn)
+        for name, fn in variants.items():
+            try:
+                row[name] = time_jax(fn, xs, reps)
+            except Exception as err:
+                row[name] = None
+                print(f"quant {name} {m}x{k} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+        row["TBps"] = {
+            "ours": nbytes / row["ours"] / 1e12 if row.get("ours") else None,
+            "xla": nbytes / row["xla"] / 1e12 if row["xla"] else None,
+            "copy": 4 * m * k / row["copy"] / 1e12 if row["copy"] else None,
+        }
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def print_table(results):
+    print("\nGEMM, bf16 out, TFLOP/s (M<=64: us), ratios ours/torch")
+    print(f"{'M':>5} {'K':>6} {'N':>6} | {'ours_row':>8} {'ours_t':>8} {'xla_t':>8} {'xla_row':>8} "
+          f"{'tch_t':>8} {'tch_row':>8} | {'row/tch':>7} {'t/tch':>6}")
+    for r in results:
+        if r["kind"] != "gemm":
+            continue
+        small = r["m"] <= 64
+        cols = ["ours_rowwise", "ours_tensor", "xla_tensor", "xla_rowwise", "torch_tensor", "torch_rowwise"]
+        vals = [(r[c] * 1e6 if small else r["tflops"][c]) if r.get(c) else float("nan") for c in cols]
+        ratio_row = r["torch_rowwise"] / r["ours_rowwise"] if r.get("ours_rowwise") else float("nan")
+        ratio_t = r["torch_tensor"] / r["ours_tensor"] if r.get("ours_tensor") else float("nan")
+        print(f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | " + " ".join(f"{v:8.1f}" for v in vals)
+              + f" | {ratio_row:7.2f} {ratio_t:6.2f}")
+    extra = sorted({c for r in results if r["kind"] == "gemm" for c in r if c in EXPLORE})
+    if extra:
+        print("\nconfigs explored (us)")
+        for r in results:
+            if r["kind"] == "gemm":
+                cells = " ".join(f"{c}={r[c] * 1e6:.1f}" for c in extra if r.get(c))
+                print(f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells}")
+    print("\nper-token quant, bf16 in, TB/s")
+    for r in results:
+        if r["kind"] == "quant":
+            t = r["TBps"]
+            fmt = lambda v: f"{v:6.2f}" if v else "   nan"  # noqa: E731
+            print(f"{r['m']:>5} x {r['k']:>6}: ours {fmt(t['ours'])} xla {fmt(t['xla'])} copy {fmt(t['copy'])}")
+    checks = [r for r in results if r["kind"].endswith("_check")]
+    print(f"\nchecks: {sum(bool(r.get('ok', r.get('identical'))) for r in checks)}/{len(checks)} passed")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--skip-quant", action="store_true")
+    parser.add_argument("--explore", action="store_true", help="also time candidate configs")
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_kernels.json"))
+    args = parser.parse_args()
+    print(jax.devices()[0].device_kind, jax.__version__, flush=True)
+    results = []
+    check_gemm(results)
+    if not args.skip_quant and gpu_quant is not None:
+        check_quant(results)
+    if args.quick:
+        bench_gemm(results, (1, 16, 4096), ((4096, 28672), (8192, 8192)), args.reps, args.explore)
+    else:
+        bench_gemm(results, M_VALUES, KN, args.reps, args.explore)
+    if not args.skip_quant:
+        bench_quant(results, ((1024, 4096), (4096, 4096), (8192, 8192), (4096, 14336)), args.reps)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()

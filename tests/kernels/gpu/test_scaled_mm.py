@@ -1,0 +1,177 @@
+"""The Hopper fp8 GEMM against the float64 reference: interpret mode on CPU, real shapes on H100."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import reference
+from w8a8_jax import platform, scaled_mm
+from w8a8_jax.kernels.gpu import scaled_mm as gpu_mm
+from w8a8_jax.kernels.gpu import supports_device
+from w8a8_jax.kernels.gpu import tuned_block_sizes as tbs
+
+on_hopper = jax.devices()[0].platform == "gpu" and supports_device(jax.devices()[0])
+OUT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def tensor_core_tolerance(k: int, out_dtype) -> float:
+    """`reference.gemm_tolerance`, floored at the fp8 tensor core's own accumulation error.
+
+    Hopper's fp8 `wgmma` sums the products of one k-block with fewer bits than float32 (about
+    2^-13 relative; measured on H100: 4.5e-5 at K=4096 and 1.6e-4 at K=14336, each 128-wide
+    k-block promoted into float32). Without promotion the error at K=14336 is 6e-3, 25x this
+    floor, so the floor still tells a promoting kernel from one that is not.
+    """
+    return max(reference.gemm_tolerance(k, out_dtype), 2.0**-12)
+
+
+def _operands(key, m, k, n, granularity, with_bias, out_dtype):
+    ka, kb, ks, kt, kbias = jax.random.split(key, 5)
+    qinput = jax.random.uniform(ka, (m, k), jnp.float32, -2, 2).astype(jnp.float8_e4m3fn)
+    weight = jax.random.uniform(kb, (n, k), jnp.float32, -2, 2).astype(jnp.float8_e4m3fn)
+    if granularity == "rowwise":
+        scale_a = jax.random.uniform(ks, (m, 1), jnp.float32, 0.01, 0.1)
+        scale_b = jax.random.uniform(kt, (n, 1), jnp.float32, 0.01, 0.1)
+    else:
+        scale_a = jax.random.uniform(ks, (1,), jnp.float32, 0.01, 0.1)
+        scale_b = jax.random.uniform(kt, (1,), jnp.float32, 0.01, 0.1)
+    bias = jax.random.normal(kbias, (n,), jnp.float32).astype(out_dtype) if with_bias else None
+    return qinput, weight, scale_a, scale_b, bias
+
+
+def check(key, m, k, n, granularity, with_bias, out_dtype, *, interpret, config=None):
+    qinput, weight, scale_a, scale_b, bias = _operands(key, m, k, n, granularity, with_bias, out_dtype)
+    with platform.override(num_sms=2) if interpret else _nullcontext():
+        out = gpu_mm.scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype, interpret=interpret, config=config)
+    assert out.dtype == jnp.dtype(out_dtype) and out.shape == (m, n)
+    ref = reference.scaled_mm(qinput, weight, scale_a, scale_b, bias)
+    out64 = reference.to_np(out).astype(np.float64)
+    assert np.isfinite(out64).all(), "non-finite output"
+    err = np.abs(out64 - ref).max() / np.abs(ref).max()
+    tol = tensor_core_tolerance(k, out_dtype)
+    assert err <= tol, f"max error {err:.3g} (relative to max |ref|) exceeds {tol:.3g}"
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# Interpret mode on CPU: both schedules (M <= 64 decode, larger M the persistent kernel), odd M,
+# per-tensor and rowwise scales, bias or not, every out dtype. Small K and N keep it fast.
+@pytest.mark.parametrize(
+    "m, granularity, with_bias, out_dtype",
+    [
+        (1, "rowwise", True, jnp.bfloat16),
+        (7, "per_tensor", False, jnp.float16),
+        (17, "rowwise", False, jnp.float32),
+        (33, "per_tensor", True, jnp.bfloat16),
+        (65, "rowwise", True, jnp.float32),
+        (130, "per_tensor", False, jnp.bfloat16),
+        (129, "rowwise", True, jnp.float16),
+    ],
+)
+def test_interpret(key, m, granularity, with_bias, out_dtype):
+    check(key, m, 256, 256, granularity, with_bias, out_dtype, interpret=True)
+
+
+def test_interpret_without_promotion_and_wide_n(key):
+    # The unpromoted accumulator and a CTA tile stacked along N (128 x 256).
+    config = tbs.GemmConfig(tile_m=128, tile_n=128, wg_split="n", promote=False)
+    check(key, 100, 384, 512, "rowwise", True, jnp.bfloat16, interpret=True, config=config)
+
+
+def test_interpret_decode_splits_k(key):
+    # Several K splits summed outside the kernel.
+    config = tbs.DecodeConfig(tile_n=128, stages=2, min_units_per_sm=8)
+    check(key, 9, 512, 128, "rowwise", True, jnp.float32, interpret=True, config=config)
+
+
+def test_matches_xla_rowwise_path(key):
+    qinput, weight, scale_a, scale_b, bias = _operands(key, 40, 256, 128, "rowwise", True, jnp.float32)
+    with platform.override(num_sms=2):
+        ours = gpu_mm.scaled_mm(qinput, weight, scale_a, scale_b, bias, jnp.float32, interpret=True)
+    xla = scaled_mm.xla_per_token_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, jnp.float32)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), rtol=1e-5, atol=1e-5 * float(jnp.abs(xla).max()))
+
+
+@pytest.mark.parametrize(
+    "k, n, message",
+    [(200, 256, "multiple of 128"), (256, 200, "multiple of 128")],
+)
+def test_rejects_unsupported_shapes(k, n, message):
+    qinput = jnp.zeros((4, k), jnp.float8_e4m3fn)
+    weight = jnp.zeros((n, k), jnp.float8_e4m3fn)
+    one = jnp.ones((1,), jnp.float32)
+    assert not gpu_mm.supports_shape(k, n)
+    with pytest.raises(ValueError, match=message):
+        gpu_mm.scaled_mm(qinput, weight, one, one, None, jnp.bfloat16, interpret=True)
+
+
+def test_rejects_unmeasured_dtypes():
+    weight = jnp.zeros((128, 128), jnp.float8_e4m3fnuz)
+    one = jnp.ones((1,), jnp.float32)
+    with pytest.raises(NotImplementedError, match="float8_e4m3fn"):
+        gpu_mm.scaled_mm(weight, weight, one, one, None, jnp.bfloat16, interpret=True)
+    qinput = jnp.zeros((4, 128), jnp.float8_e4m3fn)
+    with pytest.raises(NotImplementedError, match="out_dtype"):
+        gpu_mm.scaled_mm(qinput, qinput, one, one, None, jnp.int8, interpret=True)
+
+
+def test_registered_on_gpu_platform_only():
+    cpu = jax.devices("cpu")[0]
+    assert not supports_device(cpu)
+
+
+@pytest.mark.skipif(not on_hopper, reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize(
+    "m, k, n, granularity, with_bias, out_dtype",
+    [
+        (1, 4096, 6144, "rowwise", True, jnp.bfloat16),
+        (16, 4096, 28672, "per_tensor", False, jnp.float16),
+        (33, 8192, 1024, "rowwise", True, jnp.float32),
+        (1000, 4096, 6144, "rowwise", True, jnp.bfloat16),
+        (4096, 4096, 1024, "per_tensor", False, jnp.float32),
+        (257, 14336, 1024, "rowwise", False, jnp.float32),  # long K: promotion
+        (8, 14336, 1024, "rowwise", False, jnp.float32),
+    ],
+)
+def test_hopper(key, m, k, n, granularity, with_bias, out_dtype):
+    check(key, m, k, n, granularity, with_bias, out_dtype, interpret=False)
+
+
+@pytest.mark.skipif(not on_hopper, reason="needs a Hopper GPU (compute capability 9.x)")
+def test_hopper_long_k_needs_promotion(key):
+    """At K=14336 the unpromoted fp8 accumulator misses the tolerance that the promoted one meets."""
+    qinput, weight, scale_a, scale_b, bias = _operands(key, 256, 14336, 512, "rowwise", False, jnp.float32)
+    ref = reference.scaled_mm(qinput, weight, scale_a, scale_b, bias)
+    errors = {}
+    for promote in (True, False):
+        config = tbs.GemmConfig(promote=promote)
+        out = gpu_mm.scaled_mm(qinput, weight, scale_a, scale_b, bias, jnp.float32, config=config)
+        errors[promote] = np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max()
+    tol = tensor_core_tolerance(14336, jnp.float32)
+    assert errors[True] <= tol < errors[False], errors
+
+
+@pytest.mark.skipif(not on_hopper, reason="needs a Hopper GPU (compute capability 9.x)")
+def test_hopper_dispatch_uses_kernel(key):
+    assert platform.fused_fp8_supported()
+    qinput, weight, scale_a, scale_b, bias = _operands(key, 512, 4096, 4096, "rowwise", True, jnp.bfloat16)
+    out = scaled_mm.fused_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, jnp.bfloat16)
+    reference.assert_gemm_close(out, reference.scaled_mm(qinput, weight, scale_a, scale_b, bias), 4096, jnp.bfloat16)
+
+
+def test_registered_path_routes_unmeasured_shapes_to_xla(key, monkeypatch):
+    """Where the table says nothing, the registered fused GEMM is XLA's path (same result)."""
+    from w8a8_jax.kernels import gpu
+
+    qinput, weight, scale_a, scale_b, bias = _operands(key, 24, 256, 128, "rowwise", True, jnp.float32)
+    monkeypatch.setattr(tbs, "KERNEL_FASTER_THAN_XLA", frozenset())
+    out = gpu._fused_scaled_mm(qinput, weight, scale_a, scale_b, bias, jnp.float32)
+    xla = scaled_mm.xla_per_token_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(xla))

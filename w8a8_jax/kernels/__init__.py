@@ -1,0 +1,1 @@
+"""Pallas kernels behind the fused fp8 paths, one package per backend."""

@@ -1,0 +1,411 @@
+"""Rowwise-scaled fp8 GEMM for Hopper (sm90) in Pallas Mosaic GPU.
+
+`scaled_mm` returns `(scale_a * scale_b) * (qinput @ weight.T) + bias` in `out_dtype`, with both
+fp8 operands K-major (`qinput (M, K)`, `weight (N, K)`), a float32 accumulator, and the scales and
+bias applied to the float32 accumulator before one rounding.
+
+Two schedules:
+  * large M: a persistent grid over CTA output tiles (planar-snake rasterization for L2 reuse);
+    per CTA one TMA producer warpgroup and two `wgmma` consumer warpgroups around a multi-stage
+    shared-memory ring (128-byte swizzle); the epilogue stages the `(M,)` and `(N,)` scale vectors
+    and the bias in shared memory, applies them to the accumulator in registers, casts, and
+    stores through shared memory with TMA.
+  * small M (decode): operands swapped, `weight_tile @ x.T`, so N fills the 128-row side of
+    `wgmma` and the tokens (padded to 8..64) its narrow side; the grid splits N and K so every SM
+    streams weight; float32 partials are summed and scaled by one small XLA fusion.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from w8a8_jax import platform
+from w8a8_jax.kernels.gpu import tuned_block_sizes as tbs
+from w8a8_jax.kernels.gpu.tuned_block_sizes import DecodeConfig, GemmConfig
+
+# Largest padded M that takes the decode schedule (wgmma's N side is at most 256, but past 64
+# tokens the large-M schedule reuses each weight tile enough to be compute-bound).
+DECODE_MAX_M = 64
+# K and N granularity: one 128-byte swizzle row of fp8 along K; the CTA tile's 128 rows along N.
+K_MULTIPLE = 128
+N_MULTIPLE = 128
+
+
+def _interpret_params():
+    return plgpu.InterpretGPUParams()
+
+
+def supports_shape(k: int, n: int) -> bool:
+    """Whether the kernel takes contraction `k` and output width `n` (else the XLA paths run)."""
+    return k % K_MULTIPLE == 0 and n % N_MULTIPLE == 0 and k > 0 and n > 0
+
+
+def _fp8_transforms(tile_k: int):
+    swizzle = plgpu.find_swizzle(tile_k * 8)  # fp8: 8 bits an element
+    return (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
+
+
+def _out_transforms(epi_tile_n: int, out_dtype):
+    itemsize = jnp.dtype(out_dtype).itemsize
+    swizzle = plgpu.find_swizzle(epi_tile_n * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _zeros(shape):
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _mma_step(carry, a, b, promote: bool):
+    """One k-block of `wgmma`; with `promote`, its sum is added into a float32 register total.
+
+    Hopper's fp8 `wgmma` accumulates with fewer bits than float32 (measured: relative error 6e-3
+    at K=14336 against 2e-5 for float32 accumulation), so each k-block (tile_k = 128: four
+    instructions) runs into a fresh zeroed accumulator and is promoted with float32 adds.
+    """
+    if not promote:
+        plgpu.wgmma(carry, a, b)
+        plgpu.wgmma_wait(0)
+        return carry
+
+    def block(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        plgpu.wgmma_wait(0)
+        return acc_ref[...]
+
+    return carry + pl.run_scoped(block, plgpu.ACC(carry.shape, jnp.float32))
+
+
+def _gemm_kernel(
+    a_gmem,  # (Mp, K) fp8
+    b_gmem,  # (N, K) fp8
+    scale_a_gmem,  # (Mp,) float32
+    scale_b_gmem,  # (N,) float32
+    bias_gmem,  # (N,) float32 or None
+    out_gmem,  # (Mp, N) out_dtype
+    *,
+    config: GemmConfig,
+):
+    m, k = a_gmem.shape
+    n = b_gmem.shape[0]
+    out_dtype = out_gmem.dtype
+    tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
+    cta_m, cta_n = config.cta_m, config.cta_n
+    epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
+    m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // tile_k
+    transforms = _fp8_transforms(tile_k)
+    has_bias = bias_gmem is not None
+
+    def get_pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec((cta_m, tile_k), lambda ki: (0, ki), transforms=transforms),
+                plgpu.BlockSpec((cta_n, tile_k), lambda ki: (0, ki), transforms=transforms),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=config.stages,
+            compute_context=compute_context,
+        )
+
+    ignore = lambda *_, **__: None  # noqa: E731
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
+        out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=_out_transforms(epi_n, out_dtype)),
+        scale_a_smem=plgpu.SMEM((2, tile_m), jnp.float32),
+        scale_b_smem=plgpu.SMEM((2, tile_n), jnp.float32),
+        bias_smem=plgpu.SMEM((2, tile_n), jnp.float32) if has_bias else None,
+        vector_barriers=plgpu.Barrier(num_barriers=6),
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, out_smem, scale_a_smem, scale_b_smem, bias_smem, vector_barriers):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tile_loop(loop_info):
+            (tile_idx,) = loop_info.index
+            m_idx, n_idx = plgpu.planar_snake(
+                tile_idx, (m_iters, n_iters), 1 if config.grid_minor == "n" else 0, config.grid_tile_width
+            )
+            cta_m_slice = pl.ds(m_idx * cta_m, cta_m)
+            cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
+            if config.wg_split == "m":
+                wg_m0, wg_n0 = m_idx * cta_m + wg * tile_m, n_idx * cta_n
+                wg_m_slice, wg_n_slice = pl.ds(wg * tile_m, tile_m), slice(None)
+            else:
+                wg_m0, wg_n0 = m_idx * cta_m, n_idx * cta_n + wg * tile_n
+                wg_m_slice, wg_n_slice = slice(None), pl.ds(wg * tile_n, tile_n)
+
+            def compute_context(eval_pipeline):
+                # The epilogue vectors travel while the k-loop runs.
+                plgpu.copy_gmem_to_smem(
+                    scale_a_gmem.at[pl.ds(wg_m0, tile_m)], scale_a_smem.at[wg], vector_barriers.at[3 * wg]
+                )
+                plgpu.copy_gmem_to_smem(
+                    scale_b_gmem.at[pl.ds(wg_n0, tile_n)], scale_b_smem.at[wg], vector_barriers.at[3 * wg + 1]
+                )
+                if has_bias:
+                    plgpu.copy_gmem_to_smem(
+                        bias_gmem.at[pl.ds(wg_n0, tile_n)], bias_smem.at[wg], vector_barriers.at[3 * wg + 2]
+                    )
+
+                def epilogue(acc):  # (tile_m, tile_n) float32, WGMMA layout
+                    plgpu.barrier_wait(vector_barriers.at[3 * wg])
+                    plgpu.barrier_wait(vector_barriers.at[3 * wg + 1])
+                    row_scale = plgpu.load(scale_a_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                    col_scale = plgpu.load(scale_b_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
+                    out = acc * lax.broadcast_in_dim(row_scale, acc.shape, [0])
+                    out = out * lax.broadcast_in_dim(col_scale, acc.shape, [1])
+                    if has_bias:
+                        plgpu.barrier_wait(vector_barriers.at[3 * wg + 2])
+                        bias = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
+                        out = out + lax.broadcast_in_dim(bias, acc.shape, [1])
+                    out = out.astype(out_dtype)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for epi_mi in range(tile_m // epi_m):
+                        for epi_ni in range(tile_n // epi_n):
+                            slot = (epi_mi * (tile_n // epi_n) + epi_ni) % 2
+                            epi_m_slice = slice(epi_mi * epi_m, (epi_mi + 1) * epi_m)
+                            epi_n_slice = slice(epi_ni * epi_n, (epi_ni + 1) * epi_n)
+                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                            out_smem[wg, slot] = out[epi_m_slice, epi_n_slice]
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(
+                                out_smem.at[wg, slot],
+                                out_gmem.at[cta_m_slice, cta_n_slice]
+                                .at[wg_m_slice, wg_n_slice]
+                                .at[epi_m_slice, epi_n_slice],
+                            )
+
+                if config.promote:
+                    epilogue(eval_pipeline(_zeros((tile_m, tile_n))))
+                else:
+
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
+                    def _acc_scope(acc_ref):
+                        epilogue(eval_pipeline(acc_ref)[...])
+
+            def mma_body(_, a_smem, b_smem, carry):
+                # fp8 wgmma takes K-major operands only: B is the (N, K) tile seen as (K, N).
+                b_kn = b_smem.at[wg_n_slice].transpose((1, 0))
+                return _mma_step(carry, a_smem.at[wg_m_slice], b_kn, config.promote)
+
+            get_pipeline(mma_body, compute_context)(
+                a_gmem.at[cta_m_slice, :], b_gmem.at[cta_n_slice, :], allocations=pipeline_allocs
+            )
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _decode_kernel(
+    w_gmem,  # (N, K) fp8
+    x_gmem,  # (Mp, K) fp8, Mp in 8..64
+    part_gmem,  # (splits, N, Mp) float32
+    *,
+    config: DecodeConfig,
+    splits: int,
+):
+    n, k = w_gmem.shape
+    mp = x_gmem.shape[0]
+    tile_n, tile_k = config.tile_n, config.tile_k
+    k_per_split = k // splits
+    transforms = _fp8_transforms(tile_k)
+    n_idx = lax.axis_index("n")
+    split = lax.axis_index("split")
+    n_slice = pl.ds(n_idx * tile_n, tile_n)
+    k_slice = pl.ds(split * k_per_split, k_per_split)
+
+    @functools.partial(
+        pl.run_scoped,
+        out_smem=plgpu.SMEM((tile_n, mp), jnp.float32, transforms=_out_transforms(mp, jnp.float32)),
+        collective_axes="wg",
+    )
+    def _scope(out_smem):
+        def compute_context(eval_pipeline):
+            if config.promote:
+                out_smem[...] = eval_pipeline(_zeros((tile_n, mp)))
+            else:
+
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_n, mp), jnp.float32))
+                def _acc_scope(acc_ref):
+                    out_smem[...] = eval_pipeline(acc_ref)[...]
+
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem, part_gmem.at[split, n_slice])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        def mma_body(_, w_smem, x_smem, carry):
+            return _mma_step(carry, w_smem, x_smem.transpose((1, 0)), config.promote)
+
+        plgpu.emit_pipeline_warp_specialized(
+            mma_body,
+            grid=(k_per_split // tile_k,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec((tile_n, tile_k), lambda ki: (0, ki), transforms=transforms),
+                plgpu.BlockSpec((mp, tile_k), lambda ki: (0, ki), transforms=transforms),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=1,
+            max_concurrent_steps=config.stages,
+            compute_context=compute_context,
+        )(w_gmem.at[n_slice, k_slice], x_gmem.at[:, k_slice])
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    return x if x.shape[0] == rows else jnp.pad(x, ((0, rows - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
+
+
+def _vector(scale: jax.Array, length: int) -> jax.Array:
+    """A (1,)/(L,)/(L, 1)/() float32 scale as a (length,) vector."""
+    return jnp.broadcast_to(scale.astype(jnp.float32).reshape(-1), (length,))
+
+
+def _compiler_params():
+    return plgpu.CompilerParams(approx_math=False)
+
+
+def gemm_large_m(qinput, weight, scale_a, scale_b, bias, out_dtype, *, config: GemmConfig, interpret=False):
+    """The large-M schedule on padded operands: `qinput (Mp, K)` with Mp a multiple of config.cta_m."""
+    m, k = qinput.shape
+    n = weight.shape[0]
+    num_sms = platform.num_sms()
+    kernel = plgpu.kernel(
+        functools.partial(_gemm_kernel, config=config),
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(num_sms,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=_compiler_params(),
+        interpret=_interpret_params() if interpret else None,
+    )
+    name = f"fp8_gemm_{config.cta_m}x{config.cta_n}x{config.tile_k}_s{config.stages}"
+    with jax.named_scope(name):
+        return kernel(qinput, weight, scale_a, scale_b, bias)
+
+
+def decode_splits(n: int, k: int, config: DecodeConfig, num_sms: int) -> int:
+    """Number of K splits: the fewest that give min_units_per_sm work units per SM."""
+    n_tiles = n // config.tile_n
+    k_iters = k // config.tile_k
+    splits = 1
+    while n_tiles * splits < config.min_units_per_sm * num_sms and k_iters % (2 * splits) == 0:
+        splits *= 2
+    return splits
+
+
+def gemm_decode_partials(qinput, weight, *, config: DecodeConfig, splits: int, interpret=False):
+    """The decode schedule: float32 partials `(splits, N, Mp)` of `weight @ qinput.T`."""
+    mp, k = qinput.shape
+    n = weight.shape[0]
+    kernel = plgpu.kernel(
+        functools.partial(_decode_kernel, config=config, splits=splits),
+        out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
+        grid=(n // config.tile_n, splits),
+        grid_names=("n", "split"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=_compiler_params(),
+        interpret=_interpret_params() if interpret else None,
+    )
+    with jax.named_scope(f"fp8_gemm_decode_{config.tile_n}x{mp}x{config.tile_k}_k{splits}"):
+        return kernel(weight, qinput)
+
+
+def scaled_mm(
+    qinput: jax.Array,
+    weight: jax.Array,
+    scale_a: jax.Array,
+    scale_b: jax.Array,
+    bias: jax.Array | None,
+    out_dtype,
+    *,
+    interpret: bool = False,
+    config: GemmConfig | DecodeConfig | None = None,
+) -> jax.Array:
+    """`(scale_a * scale_b) * (qinput @ weight.T) + bias` in `out_dtype`, float32 accumulation.
+
+    Args:
+      qinput: `(M, K)` float8_e4m3fn, any M (padded here, sliced off).
+      weight: `(N, K)` float8_e4m3fn; K a multiple of 128, N a multiple of 128.
+      scale_a: float32 `()`, `(1,)`, `(1, 1)`, `(M,)` or `(M, 1)`.
+      scale_b: float32 `()`, `(1,)`, `(1, 1)`, `(N,)` or `(N, 1)`.
+      bias: `(N,)` or None.
+      out_dtype: bfloat16, float16 or float32.
+      interpret: run under Mosaic GPU interpret mode (CPU tests).
+      config: force a schedule and its tiles (benchmarks); default chosen by shape.
+    """
+    if qinput.ndim != 2 or weight.ndim != 2 or qinput.shape[1] != weight.shape[1]:
+        raise ValueError(f"need qinput (M, K) and weight (N, K), got {qinput.shape} and {weight.shape}")
+    if qinput.dtype != jnp.float8_e4m3fn or weight.dtype != jnp.float8_e4m3fn:
+        raise NotImplementedError(
+            f"the Hopper kernel takes float8_e4m3fn operands only, got {qinput.dtype} and {weight.dtype}"
+        )
+    out_dtype = jnp.dtype(out_dtype)
+    if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        raise NotImplementedError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    m, k = qinput.shape
+    n = weight.shape[0]
+    if k % K_MULTIPLE:
+        raise ValueError(f"{k=} must be a multiple of {K_MULTIPLE} (one 128-byte swizzle row of fp8)")
+    if n % N_MULTIPLE:
+        raise ValueError(f"{n=} must be a multiple of {N_MULTIPLE} (the CTA tile's rows)")
+    for name, scale, length in (("scale_a", scale_a, m), ("scale_b", scale_b, n)):
+        if scale.size not in (1, length):
+            raise ValueError(f"{name} must have 1 or {length} elements, got shape {tuple(scale.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if m == 0:
+        return jnp.zeros((0, n), out_dtype)
+    device_kind = "cpu" if interpret else jax.devices()[0].device_kind
+
+    use_decode = isinstance(config, DecodeConfig) or (config is None and m <= DECODE_MAX_M)
+    if use_decode:
+        config = config or tbs.decode_config(device_kind, m, k, n)
+        if k % config.tile_k or n % config.tile_n:
+            raise ValueError(f"{k=} and {n=} must be multiples of {config.tile_k=} and {config.tile_n=}")
+        mp = _round_up(max(m, 8), 8)
+        if mp > 256:
+            raise ValueError(f"the decode schedule takes M <= 256, got {m=}")
+        splits = decode_splits(n, k, config, platform.num_sms())
+        partials = gemm_decode_partials(
+            _pad_rows(qinput, mp), weight, config=config, splits=splits, interpret=interpret
+        )
+        acc = jnp.sum(partials, axis=0)[:, :m].T  # (M, N) float32
+        out = acc * _vector(scale_a, m)[:, None] * _vector(scale_b, n)[None, :]
+        if bias is not None:
+            out = out + bias.astype(jnp.float32)
+        return out.astype(out_dtype)
+
+    if config is None:
+        config = tbs.gemm_config(device_kind, m, k, n, out_dtype.itemsize)
+    else:
+        config = tbs.fit_stages(config, out_dtype.itemsize)
+    if k % config.tile_k or n % config.cta_n:
+        raise ValueError(f"{k=} and {n=} must be multiples of {config.tile_k=} and {config.cta_n=}")
+    mp = _round_up(m, config.cta_m)
+    out = gemm_large_m(
+        _pad_rows(qinput, mp),
+        weight,
+        _pad_rows(_vector(scale_a, m), mp),
+        _vector(scale_b, n),
+        None if bias is None else bias.astype(jnp.float32),
+        out_dtype,
+        config=config,
+        interpret=interpret,
+    )
+    return out if mp == m else out[:m]
+

@@ -1,0 +1,130 @@
+"""Tuning configs for the Hopper fp8 GEMM, chosen by shape, with a documented fallback.
+
+Two schedules (see `scaled_mm.py`):
+  * `GemmConfig`, the large-M schedule: persistent grid of CTA tiles, two consumer warpgroups and
+    one TMA producer warpgroup, a multi-stage shared-memory ring.
+  * `DecodeConfig`, the small-M schedule: operands swapped (`weight @ x.T`), so N fills the 64-row
+    side of `wgmma` and the few tokens its 8..64-wide side; N and K split over every SM.
+
+`TUNED_GEMM` is a plain dict keyed by `(device_kind, m_bucket, k, n)`; a miss falls back to
+`default_gemm_config`, which is the config measured best on average over the Llama shapes.
+"""
+
+import dataclasses
+
+# Hopper shared memory per block (bytes) after the opt-in; the ring, the epilogue staging and the
+# scale vectors must fit in it.
+SMEM_BYTES = 232_448
+# Barriers, alignment and the pipeline's own bookkeeping.
+SMEM_SLACK = 4_096
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Large-M schedule.
+
+    Attributes:
+      tile_m: rows of the accumulator of one consumer warpgroup; multiple of 64 (`wgmma` M).
+      tile_n: columns of one warpgroup's accumulator. 128x128 float32 is 128 registers a thread;
+        128x256 spills (measured ~70 TFLOP/s), so keep tile_m * tile_n <= 128 * 128.
+      tile_k: fp8 elements per k-step; 128 = one 128-byte swizzle row.
+      stages: depth of the shared-memory ring (reduced automatically to what fits).
+      wg_split: "n" puts the two warpgroups side by side along N (CTA tile tile_m x 2*tile_n),
+        "m" stacks them along M (CTA tile 2*tile_m x tile_n).
+      grid_minor: "m" or "n", the minor dimension of the planar-snake rasterization.
+      grid_tile_width: width of the snake's bands (output tiles sharing L2-resident operands).
+      epi_tile_m, epi_tile_n: sub-tile of the epilogue staged through shared memory.
+      promote: add each k-block's `wgmma` result into a separate float32 register total (fp8
+        `wgmma` accumulates with reduced precision). Costs a second accumulator's registers, so
+        tile_m * tile_n <= 64 * 128 with it on.
+    """
+
+    tile_m: int = 64
+    tile_n: int = 128
+    tile_k: int = 128
+    stages: int = 4
+    wg_split: str = "m"
+    grid_minor: str = "n"
+    grid_tile_width: int = 16
+    epi_tile_m: int = 64
+    epi_tile_n: int = 64
+    promote: bool = True
+
+    @property
+    def cta_m(self) -> int:
+        return self.tile_m * (2 if self.wg_split == "m" else 1)
+
+    @property
+    def cta_n(self) -> int:
+        return self.tile_n * (2 if self.wg_split == "n" else 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Small-M schedule (M <= 64 after padding to a multiple of 8).
+
+    Attributes:
+      tile_n: weight rows per CTA (the `wgmma` M side); multiple of 64.
+      tile_k: fp8 elements per k-step (128 = one 128-byte swizzle row).
+      stages: depth of the shared-memory ring; the weight stream needs bytes in flight.
+      min_units_per_sm: split K until there are at least this many (n-tile, k-split) work units
+        per SM, so every SM streams weight.
+      promote: as `GemmConfig.promote`.
+    """
+
+    tile_n: int = 128
+    tile_k: int = 128
+    stages: int = 6
+    min_units_per_sm: int = 2
+    promote: bool = True
+
+
+# (device_kind, m_bucket, k, n) -> config. m_bucket is the padded M rounded up to a power of two
+# (>= 1024 share one entry per (k, n)).
+TUNED_GEMM: dict[tuple[str, int, int, int], GemmConfig] = {}
+
+DEFAULT_GEMM = GemmConfig()
+DEFAULT_DECODE = DecodeConfig()
+
+
+def _smem_bytes(config: GemmConfig, out_itemsize: int, stages: int) -> int:
+    ring = stages * (config.cta_m + config.cta_n) * config.tile_k
+    epilogue = 2 * 2 * config.epi_tile_m * config.epi_tile_n * out_itemsize
+    vectors = 2 * (config.tile_m + 2 * config.tile_n) * 4
+    return ring + epilogue + vectors + SMEM_SLACK
+
+
+def fit_stages(config: GemmConfig, out_itemsize: int) -> GemmConfig:
+    """The config with as many ring stages (<= config.stages, >= 2) as fit in shared memory."""
+    stages = config.stages
+    while stages > 2 and _smem_bytes(config, out_itemsize, stages) > SMEM_BYTES:
+        stages -= 1
+    return dataclasses.replace(config, stages=stages)
+
+
+def gemm_config(device_kind: str, m: int, k: int, n: int, out_itemsize: int) -> GemmConfig:
+    """Tuned config for the shape, else the fallback; N must divide by the CTA tile's N."""
+    m_bucket = 1 << max(0, (min(m, 1024) - 1).bit_length())
+    config = TUNED_GEMM.get((device_kind, m_bucket, k, n), DEFAULT_GEMM)
+    if n % config.cta_n:
+        # N a multiple of 128 but not of the CTA tile: stack the warpgroups along M instead.
+        config = dataclasses.replace(config, wg_split="m")
+    return fit_stages(config, out_itemsize)
+
+
+def decode_config(device_kind: str, m: int, k: int, n: int) -> DecodeConfig:
+    """The decode schedule's config (one config today; see NOTES.md for the figures)."""
+    del device_kind, m, k, n
+    return DEFAULT_DECODE
+
+
+# (m_bucket, k, n) where the kernel measured faster than XLA's fp8 path on an H100 (benchmarks/
+# NOTES.md, "GPU kernels"); everywhere else the registered fused path hands the GEMM to XLA. Shapes
+# not measured go to XLA: never slower than XLA by default.
+KERNEL_FASTER_THAN_XLA: frozenset[tuple[int, int, int]] = frozenset()
+
+
+def kernel_is_faster(m: int, k: int, n: int) -> bool:
+    """Whether the measured table says the kernel beats XLA at this shape."""
+    m_bucket = 1 << max(0, (min(m, 8192) - 1).bit_length())
+    return (m_bucket, k, n) in KERNEL_FASTER_THAN_XLA

@@ -26,14 +26,14 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import reference  # noqa: E402
+import reference
 
-from w8a8_jax import quantization, scaled_mm  # noqa: E402
-from w8a8_jax.kernels.gpu import scaled_mm as gpu_mm  # noqa: E402
-from w8a8_jax.kernels.gpu import tuned_block_sizes as tbs  # noqa: E402
+from w8a8_jax import quantization, scaled_mm
+from w8a8_jax.kernels.gpu import scaled_mm as gpu_mm
+from w8a8_jax.kernels.gpu import tuned_block_sizes as tbs
 
 try:
-    from w8a8_jax.kernels.gpu import quant as gpu_quant  # noqa: E402
+    from w8a8_jax.kernels.gpu import quant as gpu_quant
 except ImportError:
     gpu_quant = None
 
@@ -105,22 +105,44 @@ def check_gemm(results):
         err = float(np.abs(out64 - ref).max() / np.abs(ref).max())
         tol = reference.gemm_tolerance(k, out_dtype)
         ok = bool(np.isfinite(out64).all() and err <= tol)
-        results.append(dict(kind="gemm_check", m=m, k=k, n=n, scales=scales, bias=with_bias,
-                            out_dtype=jnp.dtype(out_dtype).name, err=err, tol=tol, ok=ok))
-        print(f"check gemm {m}x{k}x{n} {scales} bias={with_bias} {jnp.dtype(out_dtype).name}: "
-              f"err {err:.3g} tol {tol:.3g} {'OK' if ok else 'FAIL'}", flush=True)
+        results.append(
+            dict(
+                kind="gemm_check",
+                m=m,
+                k=k,
+                n=n,
+                scales=scales,
+                bias=with_bias,
+                out_dtype=jnp.dtype(out_dtype).name,
+                err=err,
+                tol=tol,
+                ok=ok,
+            )
+        )
+        print(
+            f"check gemm {m}x{k}x{n} {scales} bias={with_bias} {jnp.dtype(out_dtype).name}: "
+            f"err {err:.3g} tol {tol:.3g} {'OK' if ok else 'FAIL'}",
+            flush=True,
+        )
 
 
 def check_quant(results):
     key = jax.random.key(1)
-    for m, k, dtype in ((1, 4096, jnp.bfloat16), (77, 4096, jnp.bfloat16), (1024, 8192, jnp.bfloat16),
-                        (100, 1024, jnp.float32), (64, 2048, jnp.float16)):
+    for m, k, dtype in (
+        (1, 4096, jnp.bfloat16),
+        (77, 4096, jnp.bfloat16),
+        (1024, 8192, jnp.bfloat16),
+        (100, 1024, jnp.float32),
+        (64, 2048, jnp.float16),
+    ):
         key, kx = jax.random.split(key)
         x = (jax.random.normal(kx, (m, k), jnp.float32) * 3).astype(dtype)
         q, s = jax.jit(gpu_quant.per_token_quant, static_argnums=2)(x, None, jnp.float8_e4m3fn)
         q_ref, s_ref = quantization.quantize_per_token(x, None, jnp.float8_e4m3fn)
-        same = bool((np.asarray(q).view(np.uint8) == np.asarray(q_ref).view(np.uint8)).all()
-                    and (np.asarray(s) == np.asarray(s_ref)).all())
+        same = bool(
+            (np.asarray(q).view(np.uint8) == np.asarray(q_ref).view(np.uint8)).all()
+            and (np.asarray(s) == np.asarray(s_ref)).all()
+        )
         results.append(dict(kind="quant_check", m=m, k=k, dtype=jnp.dtype(dtype).name, identical=same))
         print(f"check quant {m}x{k} {jnp.dtype(dtype).name}: {'IDENTICAL' if same else 'DIFFERENT'}", flush=True)
 
@@ -166,19 +188,25 @@ def bench_gemm(results, m_values, kn_values, reps, explore=False):
             variants = {
                 "ours_rowwise": lambda x: gpu_mm.scaled_mm(x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16),
                 "xla_tensor": lambda x: scaled_mm.xla_per_tensor_w8a8_scaled_mm(
-                    x[0], x[2], w_scale_t, w_scale_t, None, jnp.bfloat16),
+                    x[0], x[2], w_scale_t, w_scale_t, None, jnp.bfloat16
+                ),
                 "xla_rowwise": lambda x: scaled_mm.xla_per_token_w8a8_scaled_mm(
-                    x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16),
+                    x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16
+                ),
             }
             if m >= 1024:  # per-tensor scales run the same kernel; measured where it is compute-bound
                 variants["ours_tensor"] = lambda x: gpu_mm.scaled_mm(
-                    x[0], x[2], w_scale_t, w_scale_t, None, jnp.bfloat16)
+                    x[0], x[2], w_scale_t, w_scale_t, None, jnp.bfloat16
+                )
             if explore:
                 small = m <= gpu_mm.DECODE_MAX_M
                 for name, config in EXPLORE.items():
                     if name.startswith("dec_") == small:
-                        variants[name] = (lambda c: lambda x: gpu_mm.scaled_mm(
-                            x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16, config=c))(config)
+                        variants[name] = (
+                            lambda c: (
+                                lambda x: gpu_mm.scaled_mm(x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16, config=c)
+                            )
+                        )(config)
             for name, fn in variants.items():
                 try:
                     row[name] = time_jax(fn, xs, reps)
@@ -186,12 +214,16 @@ def bench_gemm(results, m_values, kn_values, reps, explore=False):
                     row[name] = None
                     print(f"{name} {m}x{k}x{n} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
             row["torch_tensor"] = time_torch(
-                lambda x: torch._scaled_mm(x[0], x[1].t(), one, one, out_dtype=torch.bfloat16), txs, reps)
+                lambda x: torch._scaled_mm(x[0], x[1].t(), one, one, out_dtype=torch.bfloat16), txs, reps
+            )
             row["torch_rowwise"] = time_torch(
                 lambda x: torch._scaled_mm(x[0], x[1].t(), t_scale_row, tw_scale_row, out_dtype=torch.bfloat16),
-                txs, reps)
-            row["tflops"] = {v: (flops / t / 1e12 if t else None) for v, t in row.items()
-                             if v not in ("kind", "m", "k", "n")}
+                txs,
+                reps,
+            )
+            row["tflops"] = {
+                v: (flops / t / 1e12 if t else None) for v, t in row.items() if v not in ("kind", "m", "k", "n")
+            }
             results.append(row)
             print(json.dumps(row), flush=True)
             del xs, txs
@@ -230,8 +262,10 @@ def bench_quant(results, shapes, reps):
 
 def print_table(results):
     print("\nGEMM, bf16 out, TFLOP/s (M<=64: us), ratios ours/torch")
-    print(f"{'M':>5} {'K':>6} {'N':>6} | {'ours_row':>8} {'ours_t':>8} {'xla_t':>8} {'xla_row':>8} "
-          f"{'tch_t':>8} {'tch_row':>8} | {'row/tch':>7} {'t/tch':>6}")
+    print(
+        f"{'M':>5} {'K':>6} {'N':>6} | {'ours_row':>8} {'ours_t':>8} {'xla_t':>8} {'xla_row':>8} "
+        f"{'tch_t':>8} {'tch_row':>8} | {'row/tch':>7} {'t/tch':>6}"
+    )
     for r in results:
         if r["kind"] != "gemm":
             continue
@@ -240,8 +274,11 @@ def print_table(results):
         vals = [(r[c] * 1e6 if small else r["tflops"][c]) if r.get(c) else float("nan") for c in cols]
         ratio_row = r["torch_rowwise"] / r["ours_rowwise"] if r.get("ours_rowwise") else float("nan")
         ratio_t = r["torch_tensor"] / r["ours_tensor"] if r.get("ours_tensor") else float("nan")
-        print(f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | " + " ".join(f"{v:8.1f}" for v in vals)
-              + f" | {ratio_row:7.2f} {ratio_t:6.2f}")
+        print(
+            f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | "
+            + " ".join(f"{v:8.1f}" for v in vals)
+            + f" | {ratio_row:7.2f} {ratio_t:6.2f}"
+        )
     extra = sorted({c for r in results if r["kind"] == "gemm" for c in r if c in EXPLORE})
     if extra:
         print("\nconfigs explored (us)")
@@ -253,7 +290,7 @@ def print_table(results):
     for r in results:
         if r["kind"] == "quant":
             t = r["TBps"]
-            fmt = lambda v: f"{v:6.2f}" if v else "   nan"  # noqa: E731
+            fmt = lambda v: f"{v:6.2f}" if v else "   nan"
             print(f"{r['m']:>5} x {r['k']:>6}: ours {fmt(t['ours'])} xla {fmt(t['xla'])} copy {fmt(t['copy'])}")
     checks = [r for r in results if r["kind"].endswith("_check")]
     print(f"\nchecks: {sum(bool(r.get('ok', r.get('identical'))) for r in checks)}/{len(checks)} passed")

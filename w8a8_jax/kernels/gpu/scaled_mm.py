@@ -114,7 +114,7 @@ def _gemm_kernel(
             compute_context=compute_context,
         )
 
-    ignore = lambda *_, **__: None  # noqa: E731
+    ignore = lambda *_, **__: None
 
     @functools.partial(
         pl.run_scoped,
@@ -408,4 +408,3 @@ def scaled_mm(
         interpret=interpret,
     )
     return out if mp == m else out[:m]
-

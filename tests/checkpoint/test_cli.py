@@ -1,0 +1,158 @@
+"""The command line: quantize / inspect / report through `main([...])` and `python -m w8a8_jax`."""
+
+import json
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from tests import reference
+from tests.checkpoint.conftest import random_float, write_vllm_checkpoint
+from w8a8_jax import checkpoint
+from w8a8_jax.cli import main
+
+LAYERS = {"model.layers.0.q_proj": (48, 32), "model.layers.0.down_proj": (32, 80), "lm_head": (17, 32)}
+
+
+@pytest.fixture
+def float_checkpoint(tmp_path, rng):
+    """A float checkpoint: bf16, f16 and f32 linear weights, an embedding, a norm, a tokenizer file."""
+    dtypes = [ml_dtypes.bfloat16, np.float16, np.float32]
+    tensors = {f"{p}.weight": random_float(rng, shape).astype(d) for (p, shape), d in zip(LAYERS.items(), dtypes)}
+    tensors["model.layers.0.q_proj.bias"] = random_float(rng, (48,)).astype(ml_dtypes.bfloat16)
+    tensors["model.embed_tokens.weight"] = random_float(rng, (17, 32)).astype(ml_dtypes.bfloat16)
+    tensors["model.norm.weight"] = random_float(rng, (32,))
+    path = write_vllm_checkpoint(tmp_path / "float", tensors, None, {"architectures": ["Tiny"], "hidden_size": 32})
+    (path / "tokenizer.json").write_text("{}")
+    return path, tensors
+
+
+def run(capsys, *argv):
+    code = main([*argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def expected_codes(weight, granularity):
+    weight = np.asarray(weight, np.float32)
+    return (
+        reference.quant_dynamic_per_tensor(weight)
+        if granularity == "per_tensor"
+        else reference.quant_dynamic_per_token(weight)
+    )
+
+
+@pytest.mark.parametrize(
+    "weights,activations,form",
+    [("tensor", "dynamic", "fp8"), ("tensor", "static", "fp8"), ("channel", "static", "compressed-tensors"),
+     ("channel", "dynamic-token", "compressed-tensors"), ("tensor", "dynamic-token", "compressed-tensors")],
+)  # fmt: skip
+def test_quantize_inspect_report(tmp_path, rng, capsys, float_checkpoint, weights, activations, form):
+    path, tensors = float_checkpoint
+    calibration = {p: random_float(rng, (9, shape[1])) * 3 for p, shape in LAYERS.items()}
+    save_file(calibration, str(tmp_path / "inputs.safetensors"))
+    out_dir = tmp_path / "fp8"
+    code, out, err = run(capsys, "quantize", str(path), str(out_dir), "--weights", weights, "--activations", activations,
+                         "--calibrate", str(tmp_path / "inputs.safetensors"))  # fmt: skip
+    assert code == 0, err
+    assert "quantize: 100%" in err and "6/6" in err  # the per-tensor progress bar
+    assert (
+        "2 layers quantized" in out and f"'{form}' quantization_config" in out and "lm_head" not in out.split("\n\n")[0]
+    )
+    assert sorted(p.name for p in out_dir.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["architectures"] == ["Tiny"] and config["quantization_config"]["quant_method"] == form
+    fp8 = checkpoint.SafetensorsCheckpoint(out_dir)
+    qconfig = checkpoint.read_quantization_config(fp8)
+    assert qconfig.ignore == ("lm_head",)
+    layers = {layer.prefix: layer for layer in checkpoint.read_fp8_layers(fp8)}
+    assert sorted(layers) == ["model.layers.0.down_proj", "model.layers.0.q_proj"]
+    for prefix, layer in layers.items():
+        codes, scale = expected_codes(tensors[f"{prefix}.weight"], qconfig.weight_granularity)
+        np.testing.assert_array_equal(layer.weight.view(np.uint8), codes.view(np.uint8))
+        np.testing.assert_array_equal(layer.weight_scale, scale)
+        if activations == "static":
+            amax = np.float32(np.abs(calibration[prefix]).max())
+            np.testing.assert_array_equal(layer.input_scale, [amax / np.float32(448.0)])
+    for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight", "model.layers.0.q_proj.bias"):
+        assert fp8.tensor(name).tobytes() == tensors[name].tobytes() and fp8.tensor(name).dtype == tensors[name].dtype
+
+    code, out, err = run(capsys, "inspect", str(out_dir))
+    assert code == 0, err
+    assert "model.layers.0.down_proj  32x80" in out and "2 fp8 layers, 1 left float" in out and "saved" in out
+
+    code, out, err = run(capsys, "report", str(path), str(out_dir), "--inputs", str(tmp_path / "inputs.safetensors"))
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line.startswith("model.layers")]
+    assert len(rows) == 2 and all(len(row) == 7 for row in rows)
+    weight_sqnr, output_sqnr = float(rows[0][2]), float(rows[0][5])
+    # e4m3 has 3 mantissa bits: about 30 dB for weights of uniform magnitude, a little less on outputs.
+    assert 25 < weight_sqnr < 40 and 20 < output_sqnr < 40
+
+
+def test_include_exclude_and_shards(tmp_path, capsys, float_checkpoint):
+    path, _ = float_checkpoint
+    code, out, err = run(capsys, "quantize", str(path), str(tmp_path / "o"), "--include", "q_proj|lm_head", "--exclude", "",
+                         "--max-shard-size", "3KiB", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert "quantize:" not in err  # --no-progress
+    fp8 = checkpoint.SafetensorsCheckpoint(tmp_path / "o")
+    assert checkpoint.fp8_layer_prefixes(fp8) == ["lm_head", "model.layers.0.q_proj"] and len(fp8.files) > 1
+    assert checkpoint.read_quantization_config(fp8).ignore == ("model.layers.0.down_proj",)  # embeddings are not layers
+    code, out, err = run(capsys, "inspect", str(path))
+    assert (
+        code == 0
+        and "float checkpoint" in out
+        and "2 linear weights `quantize` would convert by default, 2 it leaves float" in out
+    )
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["quantize", "{float}", "{tmp}/o", "--activations", "static"], "static activations need calibration inputs"),
+        (["quantize", "{tmp}/missing", "{tmp}/o"], "no checkpoint at"),
+        (["quantize", "{float}", "{float}"], "exists and is not empty"),
+        (["quantize", "{float}", "{tmp}/o", "--include", "nothing-matches"], "no float 2-D"),
+        (["inspect", "{tmp}/corrupt"], "not a valid safetensors file"),
+        (["report", "{float}", "{float}"], "no quantization_config"),
+    ],
+)
+def test_errors_are_one_line(tmp_path, capsys, float_checkpoint, argv, match):
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x20" * 40)
+    argv = [a.format(float=float_checkpoint[0], tmp=tmp_path) for a in argv]
+    code, _, err = run(capsys, *argv, *(["--no-progress"] if argv[0] != "report" else []))
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"w8a8-jax {argv[0]}: error: ") and match in lines[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_quantizing_an_fp8_checkpoint_is_refused(tmp_path, capsys, float_checkpoint):
+    assert main(["quantize", str(float_checkpoint[0]), str(tmp_path / "fp8"), "--no-progress"]) == 0
+    code, _, err = run(capsys, "quantize", str(tmp_path / "fp8"), str(tmp_path / "again"))
+    assert code == 1 and "already quantized" in err
+
+
+def test_python_dash_m(tmp_path, float_checkpoint):
+    result = subprocess.run(
+        [sys.executable, "-m", "w8a8_jax", "inspect", str(float_checkpoint[0])],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0 and "float checkpoint" in result.stdout, result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "w8a8_jax", "inspect", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (
+        result.returncode == 1
+        and result.stderr.strip() == f"w8a8-jax inspect: error: no checkpoint at {tmp_path / 'nope'}"
+    )

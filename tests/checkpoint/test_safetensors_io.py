@@ -1,0 +1,131 @@
+"""Safetensors I/O: round trips for every scheme, shards and index, atomic writes, corrupt files."""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from tests.checkpoint.conftest import random_float
+from w8a8_jax.checkpoint import (
+    CheckpointWriter,
+    QuantizationConfig,
+    SafetensorsCheckpoint,
+    quantize_linear,
+    write_checkpoint,
+)
+
+SCHEMES = [(g, a) for g in ("per_tensor", "per_channel") for a in ("static", "dynamic_per_tensor", "dynamic_per_token")]
+
+
+def assert_identical(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Same dtype, shape and bytes (NaN-proof, exact)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert np.asarray(actual).tobytes() == np.ascontiguousarray(expected).tobytes()
+
+
+@pytest.mark.parametrize("granularity,scheme", SCHEMES)
+def test_round_trip_every_scheme(tmp_path, rng, granularity, scheme):
+    config = QuantizationConfig(granularity, scheme)
+    tensors = {}
+    for i, (n, k) in enumerate([(48, 32), (17, 96)]):
+        layer = quantize_linear(random_float(rng, (n, k)), config, input_amax=float(rng.uniform(1, 8)))
+        tensors.update({f"layers.{i}.proj.{key}": value for key, value in layer.items()})
+        tensors[f"layers.{i}.proj.bias"] = random_float(rng, (n,)).astype(ml_dtypes.bfloat16)
+    tensors["embed.weight"] = random_float(rng, (11, 32)).astype(np.float16)
+    tensors["position_ids"] = np.arange(1, 9, dtype=np.int64)
+    write_checkpoint(tmp_path / "ckpt", tensors, config={"quantization_config": config.to_dict()})
+    loaded = SafetensorsCheckpoint(tmp_path / "ckpt")
+    assert loaded.names == sorted(tensors)
+    assert QuantizationConfig.from_dict(loaded.config["quantization_config"]) == config
+    for name, expected in tensors.items():
+        assert_identical(loaded.tensor(name), expected)
+    assert loaded.dtype_name("layers.0.proj.weight") == "F8_E4M3"
+
+
+def test_sharded_round_trip_with_index(tmp_path, rng):
+    tensors = {f"t{i}": random_float(rng, (64, 16)) for i in range(5)}  # 4 KiB each
+    write_checkpoint(tmp_path / "ckpt", tensors, max_shard_bytes=9000)
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)] + ["model.safetensors.index.json"]
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 5 * 64 * 16 * 4
+    assert sorted(index["weight_map"]) == sorted(tensors)
+    loaded = SafetensorsCheckpoint(tmp_path / "ckpt")
+    assert len(loaded.files) == 3
+    for name, expected in tensors.items():
+        assert_identical(loaded.tensor(name), expected)
+
+
+def test_failed_write_leaves_nothing(tmp_path, rng):
+    with (
+        pytest.raises(RuntimeError, match="interrupted"),
+        CheckpointWriter(tmp_path / "ckpt", max_shard_bytes=100) as writer,
+    ):
+        writer.add("a", random_float(rng, (8, 8)))
+        writer.add("b", random_float(rng, (8, 8)))  # the first shard is on disk by now
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path, rng):
+    write_checkpoint(tmp_path / "ckpt", {"a": random_float(rng, (4,))})
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_checkpoint(tmp_path / "ckpt", {"b": random_float(rng, (4,))})
+    replacement = random_float(rng, (4,))
+    write_checkpoint(tmp_path / "ckpt", {"b": replacement}, overwrite=True)
+    loaded = SafetensorsCheckpoint(tmp_path / "ckpt")
+    assert loaded.names == ["b"]
+    assert_identical(loaded.tensor("b"), replacement)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary or old copies left
+
+
+def test_duplicate_and_unsupported_tensors(tmp_path, rng):
+    with pytest.raises(ValueError, match="'a' was added twice"):
+        write_checkpoint(tmp_path / "x", [("a", random_float(rng, (2,))), ("a", random_float(rng, (2,)))])
+    with pytest.raises(TypeError, match="'c'.*complex128"):
+        write_checkpoint(tmp_path / "y", {"c": np.ones(2, np.complex128)})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cut", [3, 100])
+def test_truncated_file_is_a_clear_error(tmp_path, rng, cut):
+    write_checkpoint(tmp_path / "ckpt", {"layer.weight": random_float(rng, (32, 32))})
+    path = tmp_path / "ckpt" / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - cut])
+    with pytest.raises(ValueError, match="model.safetensors: not a valid safetensors file"):
+        SafetensorsCheckpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"\x10\x00", b"garbage bytes that are no header", b"\x08\x00\x00\x00\x00\x00\x00\x00{nojson}"]
+)
+def test_corrupt_file_is_a_clear_error(tmp_path, content):
+    (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        SafetensorsCheckpoint(tmp_path)
+
+
+def test_index_errors(tmp_path, rng):
+    write_checkpoint(tmp_path / "ckpt", {f"t{i}": random_float(rng, (64, 16)) for i in range(2)}, max_shard_bytes=5000)
+    index_path = tmp_path / "ckpt" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({"weight_map": {**index["weight_map"], "t0": index["weight_map"]["t1"]}}))
+    with pytest.raises(ValueError, match="maps tensor 't0'"):
+        SafetensorsCheckpoint(tmp_path / "ckpt")
+    index_path.write_text(json.dumps(index))
+    os.unlink(tmp_path / "ckpt" / "model-00001-of-00002.safetensors")
+    with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors is missing"):
+        SafetensorsCheckpoint(tmp_path / "ckpt")
+    index_path.write_text("{not json")
+    with pytest.raises(ValueError, match="index.json: not valid JSON"):
+        SafetensorsCheckpoint(tmp_path / "ckpt")
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        SafetensorsCheckpoint(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        SafetensorsCheckpoint(tmp_path)

@@ -1,0 +1,210 @@
+"""FP8 checkpoints onto Flax modules and back, by name.
+
+A name map takes a module path ("/"-joined, as `convert` names layers, e.g.
+"encoder/layers/0/attention/qkv") to its checkpoint prefix ("encoder.layer.0.attention.self.query"),
+or, for a fused projection (QKV, gate/up), to the list of its shards' prefixes in output order.
+Without a map a path maps to itself with "/" replaced by ".". Fused shards are stored separately,
+each with its own scales, and fused on load as vLLM does (`dense.fuse_fp8_shards`: per-tensor
+scales become their max and the shards are requantized to it; per-channel scales concatenate);
+their static `input_scale`s become their max.
+"""
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from w8a8_jax import convert, dense, dtypes, weight_utils
+from w8a8_jax import nnx as fp8_nnx
+from w8a8_jax.checkpoint.config import QuantizationConfig
+from w8a8_jax.checkpoint.layers import read_fp8_layer, read_quantization_config
+from w8a8_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
+
+NameMap = Mapping[str, str | Sequence[str]]
+
+
+def _prefixes(names: NameMap | None, path: str) -> list[str]:
+    if names is None:
+        return [path.replace("/", ".")]
+    target = names[path]
+    return [target] if isinstance(target, str) else list(target)
+
+
+def fused_params(
+    checkpoint: SafetensorsCheckpoint, prefixes: Sequence[str], config: QuantizationConfig, fp8_dtype=None
+) -> dict[str, jax.Array]:
+    """The `Fp8Dense` parameters of one layer stored under `prefixes` (one, or a fused layer's shards)."""
+    layers = [read_fp8_layer(checkpoint, prefix, config) for prefix in prefixes]
+    widths = {layer.weight.shape[1] for layer in layers}
+    if len(widths) != 1:
+        raise ValueError(f"fused shards {list(prefixes)} have different K: {[layer.weight.shape for layer in layers]}")
+    if len({layer.bias is None for layer in layers}) != 1:
+        raise ValueError(f"fused shards {list(prefixes)}: some have a bias and some do not")
+    if len(layers) == 1:
+        params = layers[0].params()
+    else:
+        weight, weight_scale = dense.fuse_fp8_shards(
+            [(jnp.asarray(layer.weight), jnp.asarray(layer.weight_scale)) for layer in layers],
+            config.weight_granularity,
+        )
+        params = {"weight": weight, "weight_scale": weight_scale}
+        if config.is_static:
+            params["input_scale"] = jnp.max(jnp.stack([jnp.asarray(layer.input_scale) for layer in layers])).reshape(1)
+        if layers[0].bias is not None:
+            params["bias"] = jnp.concatenate([jnp.asarray(layer.bias) for layer in layers])
+    if dense.resolve_fp8_dtype(fp8_dtype) == np.dtype(dtypes.FP8_E4M3FNUZ):
+        params["weight"], params["weight_scale"], input_scale = weight_utils.normalize_e4m3fn_to_e4m3fnuz(
+            params["weight"], params["weight_scale"], params.get("input_scale")
+        )
+        if input_scale is not None:
+            params["input_scale"] = input_scale
+    return params
+
+
+def _open(checkpoint) -> SafetensorsCheckpoint:
+    return checkpoint if isinstance(checkpoint, SafetensorsCheckpoint) else SafetensorsCheckpoint(checkpoint)
+
+
+def load_nnx(
+    model: nnx.Module,
+    checkpoint,
+    names: NameMap | None = None,
+    *,
+    config: QuantizationConfig | None = None,
+    fp8_dtype=None,
+) -> list[str]:
+    """Puts a checkpoint's fp8 layers into `model` in place: each `nnx.Linear` or `Fp8Dense` at a
+    path in `names` (all of them when `names` is None) becomes an `Fp8Dense` holding the
+    checkpoint's tensors; its output dtype is kept.
+
+    Every layer is read and checked before the model is touched, so an error leaves `model` as it
+    was. Returns the replaced paths.
+    """
+    checkpoint = _open(checkpoint)
+    config = config or read_quantization_config(checkpoint)
+    targets = []
+    for path_keys, node in nnx.iter_graph(model):
+        if isinstance(node, (nnx.Linear, fp8_nnx.Fp8Dense)) and path_keys:
+            path = "/".join(str(key) for key in path_keys)
+            if names is None or path in names:
+                targets.append((path, path_keys, node))
+    if names is not None:
+        unknown = sorted(set(names) - {path for path, _, _ in targets})
+        if unknown:
+            raise ValueError(f"no nnx.Linear or Fp8Dense at module paths {unknown}")
+    layers = {}
+    for path, _, node in targets:
+        params = fused_params(checkpoint, _prefixes(names, path), config, fp8_dtype)
+        out_features, in_features = params["weight"].shape
+        expected = (node.in_features, node.out_features)
+        if (in_features, out_features) != expected:
+            raise ValueError(
+                f"{path}: checkpoint {_prefixes(names, path)} holds (K, N) = {(in_features, out_features)}, "
+                f"the module has {expected}"
+            )
+        layers[path] = fp8_nnx.Fp8Dense.from_fp8(params, scheme=config.scheme, dtype=node.dtype)
+    for path, path_keys, _ in targets:
+        parent = model
+        for key in path_keys[:-1]:
+            parent = convert._child(parent, key)
+        convert._set_child(parent, path_keys[-1], layers[path])
+    return [path for path, _, _ in targets]
+
+
+def _dense_paths(params, keys=()) -> Iterator[tuple[str, ...]]:
+    if isinstance(params, Mapping):
+        if "kernel" in params or "weight" in params:
+            yield keys
+        else:
+            for key, child in params.items():
+                yield from _dense_paths(child, (*keys, key))
+
+
+def load_linen(
+    model: nn.Module,
+    variables: dict,
+    checkpoint,
+    names: NameMap | None = None,
+    *,
+    config: QuantizationConfig | None = None,
+    fp8_dtype=None,
+) -> tuple[convert.LinenFp8Model, dict]:
+    """A linen model's float variables with its `nn.Dense` layers' params replaced from a checkpoint.
+
+    Each `nn.Dense` params entry (`{"kernel", "bias"}`) at a path in `names` (default: every entry
+    with a "kernel") becomes `{"weight", "weight_scale", "input_scale"?, "bias"?}`. Returns
+    `(fp8_model, fp8_variables)`; run with `fp8_model.apply(fp8_variables, ...)`. `variables` is not
+    modified.
+    """
+    checkpoint = _open(checkpoint)
+    config = config or read_quantization_config(checkpoint)
+    params = variables["params"]
+    paths = {"/".join(keys): keys for keys in _dense_paths(params)}
+    selected = list(paths) if names is None else list(names)
+    unknown = sorted(set(selected) - set(paths))
+    if unknown:
+        raise ValueError(f"no Dense params at paths {unknown}")
+    new_params = params
+    for path in selected:
+        layer = convert._tree_get(params, paths[path])
+        fp8 = fused_params(checkpoint, _prefixes(names, path), config, fp8_dtype)
+        if "kernel" in layer and tuple(layer["kernel"].shape) != tuple(fp8["weight"].shape[::-1]):
+            raise ValueError(
+                f"{path}: checkpoint {_prefixes(names, path)} holds (K, N) = {tuple(fp8['weight'].shape[::-1])}, "
+                f"the model has {tuple(layer['kernel'].shape)}"
+            )
+        new_params = convert._tree_set(new_params, paths[path], fp8)
+    fp8_model = convert.LinenFp8Model(model, dict.fromkeys(selected, config.scheme))
+    return fp8_model, {**variables, "params": new_params}
+
+
+def _split(params: Mapping[str, jax.Array], prefixes: Sequence[str], widths: Sequence[int] | None):
+    """One layer's parameters as checkpoint tensors, split into its shards' rows for a fused layer."""
+    weight = np.asarray(params["weight"])
+    if np.dtype(weight.dtype) != np.dtype(dtypes.FP8_E4M3FN):
+        raise TypeError(f"checkpoints hold float8_e4m3fn weights, {prefixes} is {weight.dtype}")
+    if len(prefixes) > 1 and (widths is None or sum(widths) != weight.shape[0]):
+        raise ValueError(
+            f"fused layer {list(prefixes)} needs shard widths summing to N={weight.shape[0]}, got {widths}"
+        )
+    bounds = np.cumsum([0, *(widths or [weight.shape[0]])])
+    scale = np.asarray(params["weight_scale"], np.float32)
+    for prefix, start, stop in zip(prefixes, bounds[:-1], bounds[1:]):
+        yield f"{prefix}.weight", weight[start:stop]
+        yield f"{prefix}.weight_scale", scale if scale.size == 1 else scale[start:stop]
+        if params.get("input_scale") is not None:
+            yield f"{prefix}.input_scale", np.asarray(params["input_scale"], np.float32)
+        if params.get("bias") is not None:
+            yield f"{prefix}.bias", np.asarray(params["bias"])[start:stop]
+
+
+def nnx_fp8_tensors(
+    model: nnx.Module, names: NameMap | None = None, shard_widths: Mapping[str, Sequence[int]] | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The checkpoint tensors of every `Fp8Dense` in `model` (for `write_checkpoint`).
+
+    A fused layer (several prefixes in `names`) is split into its shards by `shard_widths[path]`;
+    every shard keeps the fused layer's scales, so loading it back reproduces the layer exactly.
+    """
+    for path_keys, node in nnx.iter_graph(model):
+        if isinstance(node, fp8_nnx.Fp8Dense):
+            path = "/".join(str(key) for key in path_keys)
+            if names is not None and path not in names:
+                continue
+            params = {name: getattr(node, name) for name in ("weight", "weight_scale", "input_scale", "bias")}
+            params = {name: value[...] for name, value in params.items() if value is not None}
+            yield from _split(params, _prefixes(names, path), (shard_widths or {}).get(path))
+
+
+def linen_fp8_tensors(
+    params: Mapping, names: NameMap | None = None, shard_widths: Mapping[str, Sequence[int]] | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The checkpoint tensors of every fp8 layer (a params entry with "weight_scale") in a linen tree."""
+    for keys in _dense_paths(params):
+        layer = convert._tree_get(params, keys)
+        path = "/".join(keys)
+        if "weight_scale" in layer and (names is None or path in names):
+            yield from _split(layer, _prefixes(names, path), (shard_widths or {}).get(path))

@@ -1,0 +1,259 @@
+"""FP8 linear layers in a checkpoint: validated reading, float -> fp8 conversion, and the Flax state.
+
+A layer with checkpoint prefix `p` is stored as vLLM loads it:
+  `p.weight`        F8_E4M3 `(N, K)`
+  `p.weight_scale`  F32, scalar or `(1,)` (per tensor) or `(N, 1)` (per channel)
+  `p.input_scale`   F32, scalar or `(1,)` (static activation scheme only)
+  `p.bias`          `(N,)`, any float dtype (optional)
+with `dequant(weight) = weight.astype(f32) * weight_scale`.
+"""
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from w8a8_jax import dense
+from w8a8_jax.checkpoint.config import QuantizationConfig
+from w8a8_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
+
+FLOAT_DTYPES = ("F32", "BF16", "F16")
+# 2-D weights that are not linear layers (embedding tables, norms), by name: a checkpoint without its
+# model code says no more.
+NOT_LINEAR = r"(?i)(^|\.)(embed[^.]*|[^.]*norm[^.]*)(\.|$)"
+# Layers a checkpoint converter leaves float unless told otherwise: those, and the LM head.
+DEFAULT_EXCLUDE = r"(?i)(^|\.)(embed[^.]*|[^.]*norm[^.]*|lm_head)(\.|$)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8LayerTensors:
+    """One fp8 linear layer as read from a checkpoint, validated.
+
+    Invariant: `weight (N, K)` float8_e4m3fn; `weight_scale (1,)` or `(N, 1)` float32, finite and
+    > 0; `input_scale (1,)` float32, finite and > 0, present exactly for the static scheme;
+    `bias (N,)` or None. `weight.astype(f32) * weight_scale` is the dequantized weight.
+    """
+
+    prefix: str
+    weight: np.ndarray
+    weight_scale: np.ndarray
+    input_scale: np.ndarray | None
+    bias: np.ndarray | None
+
+    def params(self) -> dict[str, Any]:
+        """As `Fp8Dense` parameters (the keys both modules use)."""
+        params = {"weight": jnp.asarray(self.weight), "weight_scale": jnp.asarray(self.weight_scale)}
+        if self.input_scale is not None:
+            params["input_scale"] = jnp.asarray(self.input_scale)
+        if self.bias is not None:
+            params["bias"] = jnp.asarray(self.bias)
+        return params
+
+
+def _check_scale(name: str, scale: np.ndarray) -> None:
+    if not np.all(np.isfinite(scale)):
+        raise ValueError(f"{name} holds NaN or Inf")
+    if not np.all(scale > 0):
+        raise ValueError(f"{name} must be > 0, holds {float(np.min(scale))}")
+
+
+def fp8_layer_prefixes(checkpoint: SafetensorsCheckpoint) -> list[str]:
+    """The prefixes of every fp8 weight in the checkpoint, and of every orphaned `weight_scale`."""
+    prefixes = set()
+    for name in checkpoint.names:
+        if name.endswith(".weight") and checkpoint.dtype_name(name).startswith("F8_"):
+            prefixes.add(name.removesuffix(".weight"))
+        elif name.endswith((".weight_scale", ".input_scale")):
+            prefixes.add(name.rsplit(".", 1)[0])
+    return sorted(prefixes)
+
+
+def read_fp8_layer(checkpoint: SafetensorsCheckpoint, prefix: str, config: QuantizationConfig) -> Fp8LayerTensors:
+    """Reads and validates one layer; every inconsistency is a ValueError naming the tensor."""
+    weight_name, scale_name, input_name, bias_name = (
+        f"{prefix}.{s}" for s in ("weight", "weight_scale", "input_scale", "bias")
+    )
+    for name in (weight_name, scale_name):
+        if name not in checkpoint:
+            raise ValueError(f"missing tensor {name!r} (layer {prefix!r})")
+    if checkpoint.dtype_name(weight_name) != "F8_E4M3":
+        raise ValueError(f"{weight_name} must be F8_E4M3, got {checkpoint.dtype_name(weight_name)}")
+    weight_shape = checkpoint.shape(weight_name)
+    if len(weight_shape) != 2:
+        raise ValueError(f"{weight_name} must be (N, K), got shape {weight_shape}")
+    rows = weight_shape[0]
+    scale_shape = checkpoint.shape(scale_name)
+    if checkpoint.dtype_name(scale_name) != "F32":
+        raise ValueError(f"{scale_name} must be F32, got {checkpoint.dtype_name(scale_name)}")
+    allowed = [(), (1,)] if config.weight_granularity == "per_tensor" else [(rows, 1)]
+    if scale_shape not in allowed:
+        raise ValueError(
+            f"{scale_name} has shape {scale_shape}; {config.weight_granularity} weights of {weight_name} {weight_shape} "
+            f"need {' or '.join(map(str, allowed))}"
+        )
+    weight_scale = np.asarray(checkpoint.tensor(scale_name), np.float32).reshape(allowed[-1] or (1,))
+    _check_scale(scale_name, weight_scale)
+    input_scale = None
+    if config.is_static:
+        if input_name not in checkpoint:
+            raise ValueError(f"missing tensor {input_name!r}: the static activation scheme needs it (layer {prefix!r})")
+        if checkpoint.dtype_name(input_name) != "F32":
+            raise ValueError(f"{input_name} must be F32, got {checkpoint.dtype_name(input_name)}")
+        if checkpoint.shape(input_name) not in [(), (1,)]:
+            raise ValueError(f"{input_name} must be a scalar or (1,), got shape {checkpoint.shape(input_name)}")
+        input_scale = np.asarray(checkpoint.tensor(input_name), np.float32).reshape(1)
+        _check_scale(input_name, input_scale)
+    elif input_name in checkpoint:
+        raise ValueError(
+            f"{input_name} is present but the checkpoint's activation scheme is {config.activation_scheme!r}"
+        )
+    bias = None
+    if bias_name in checkpoint:
+        if checkpoint.dtype_name(bias_name) not in FLOAT_DTYPES or checkpoint.shape(bias_name) != (rows,):
+            raise ValueError(
+                f"{bias_name} must be a float ({rows},), got {checkpoint.dtype_name(bias_name)} {checkpoint.shape(bias_name)}"
+            )
+        bias = np.array(checkpoint.tensor(bias_name))
+        if not np.all(np.isfinite(bias.astype(np.float32))):
+            raise ValueError(f"{bias_name} holds NaN or Inf")
+    weight = np.array(checkpoint.tensor(weight_name))
+    if np.isnan(weight.astype(np.float32)).any():
+        raise ValueError(f"{weight_name} holds NaN codes")
+    return Fp8LayerTensors(prefix, weight, weight_scale, input_scale, bias)
+
+
+def read_quantization_config(checkpoint: SafetensorsCheckpoint) -> QuantizationConfig:
+    """The checkpoint's `quantization_config` (from its `config.json`); ValueError if it has none."""
+    if "quantization_config" not in checkpoint.config:
+        raise ValueError(f"{checkpoint.directory}: config.json has no quantization_config (not an fp8 checkpoint?)")
+    return QuantizationConfig.from_dict(checkpoint.config["quantization_config"])
+
+
+def read_fp8_layers(
+    checkpoint: SafetensorsCheckpoint, config: QuantizationConfig | None = None
+) -> Iterator[Fp8LayerTensors]:
+    """Every fp8 layer, validated, one at a time (in name order)."""
+    config = config or read_quantization_config(checkpoint)
+    for prefix in fp8_layer_prefixes(checkpoint):
+        yield read_fp8_layer(checkpoint, prefix, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# float -> fp8
+
+
+def linear_weight_prefixes(
+    checkpoint: SafetensorsCheckpoint, include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE
+) -> tuple[list[str], list[str]]:
+    """`(to quantize, left float)`: prefixes of the 2-D float `*.weight` tensors.
+
+    `include` / `exclude` are regexes searched (`re.search`) in the prefix; a layer is quantized if
+    it matches `include` (default: all) and not `exclude` (default: embeddings, norms, `lm_head`).
+    """
+    selected, skipped = [], []
+    for name in checkpoint.names:
+        if not name.endswith(".weight") or len(checkpoint.shape(name)) != 2:
+            continue
+        if checkpoint.dtype_name(name) not in FLOAT_DTYPES:
+            continue
+        prefix = name.removesuffix(".weight")
+        chosen = (include is None or re.search(include, prefix)) and not (exclude and re.search(exclude, prefix))
+        (selected if chosen else skipped).append(prefix)
+    return selected, skipped
+
+
+def quantize_linear(
+    weight: np.ndarray, config: QuantizationConfig, input_amax: float | None = None
+) -> dict[str, np.ndarray]:
+    """A float `(N, K)` checkpoint weight -> `{"weight", "weight_scale"[, "input_scale"]}` as stored.
+
+    The weight goes through `dense.quantize_weight` (one formula for every path); the fp8 form stores
+    scalar scales as vLLM's own checkpoints do, compressed-tensors `(1,)`.
+    """
+    fp8_weight, weight_scale = dense.quantize_weight(
+        jnp.asarray(weight).T, config.weight_granularity, jnp.float8_e4m3fn
+    )
+    scalar_shape = () if config.form == "fp8" else (1,)
+    tensors = {"weight": np.asarray(fp8_weight), "weight_scale": np.asarray(weight_scale, np.float32)}
+    if config.weight_granularity == "per_tensor":
+        tensors["weight_scale"] = tensors["weight_scale"].reshape(scalar_shape)
+    if config.is_static:
+        if input_amax is None:
+            raise ValueError("static activation scheme needs an input amax")
+        tensors["input_scale"] = np.asarray(dense.static_input_scale(input_amax, jnp.float8_e4m3fn)).reshape(
+            scalar_shape
+        )
+    return tensors
+
+
+def quantize_checkpoint(
+    source: SafetensorsCheckpoint,
+    writer,
+    config: QuantizationConfig,
+    layers: list[str],
+    *,
+    calibration: Mapping[str, np.ndarray] | None = None,
+    on_tensor: Callable[[str, str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Streams `source` into `writer`, quantizing the weights of `layers` (checkpoint prefixes).
+
+    Each tensor is read, converted if needed, and handed to the writer before the next is read.
+    Static layers take `input_scale = amax / fp8_max` of their `calibration` inputs (a mapping of
+    layer prefix -> sample inputs `(..., K)`). `on_tensor(name, action)` is called per tensor.
+
+    Returns one summary row per quantized layer (prefix, shape, bytes before and after, scales).
+    """
+    layer_set = set(layers)
+    if config.is_static:
+        missing = [prefix for prefix in layers if calibration is None or prefix not in calibration]
+        if missing:
+            raise ValueError(
+                f"static activations need calibration inputs for every layer; missing: {missing[:5]}"
+                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            )
+    rows = []
+    for name in source.names:
+        prefix, _, leaf = name.rpartition(".")
+        if leaf == "weight" and prefix in layer_set:
+            weight = source.tensor(name)
+            amax = None
+            if config.is_static:
+                inputs = np.asarray(calibration[prefix], np.float32)
+                if inputs.shape[-1] != weight.shape[1]:
+                    raise ValueError(
+                        f"calibration inputs for {prefix!r} have {inputs.shape[-1]} features, {name} needs {weight.shape[1]}"
+                    )
+                amax = float(np.max(np.abs(inputs)))
+            if not np.all(np.isfinite(np.asarray(weight, np.float32))):
+                raise ValueError(f"{name} holds NaN or Inf; it cannot be quantized")
+            quantized = quantize_linear(weight, config, amax)
+            for key, array in quantized.items():
+                writer.add(f"{prefix}.{key}", array)
+            scale = quantized["weight_scale"]
+            rows.append(
+                {
+                    "layer": prefix,
+                    "shape": tuple(weight.shape),
+                    "dtype": source.dtype_name(name),
+                    "bytes_in": source.nbytes(name),
+                    "bytes_out": sum(a.nbytes for a in quantized.values()),
+                    "scale_min": float(scale.min()),
+                    "scale_max": float(scale.max()),
+                    "input_scale": None if amax is None else float(quantized["input_scale"].reshape(())),
+                }
+            )
+            action = "quantized"
+        else:
+            writer.add(name, source.tensor(name))
+            action = "copied"
+        if on_tensor is not None:
+            on_tensor(name, action)
+    return rows
+
+
+def dequantize(layer: Fp8LayerTensors) -> np.ndarray:
+    """`weight.astype(f32) * weight_scale`, `(N, K)` float32."""
+    return layer.weight.astype(np.float32) * layer.weight_scale.reshape(-1, 1)

@@ -1,0 +1,108 @@
+"""Per-layer accuracy of an FP8 checkpoint against the float checkpoint it came from."""
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from w8a8_jax import dense
+from w8a8_jax.checkpoint.config import QuantizationConfig
+from w8a8_jax.checkpoint.layers import dequantize, fp8_layer_prefixes, read_fp8_layer, read_quantization_config
+from w8a8_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
+
+
+def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
+    """`10 log10(sum reference^2 / sum (approximation - reference)^2)`, in float64; inf when equal."""
+    reference = np.asarray(reference, np.float64)
+    noise = np.sum(np.square(np.asarray(approximation, np.float64) - reference))
+    signal = np.sum(np.square(reference))
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal else -math.inf
+
+
+def max_rel_error(reference: np.ndarray, approximation: np.ndarray) -> float:
+    """`max |approximation - reference| / max |reference|`."""
+    reference = np.asarray(reference, np.float64)
+    error = np.max(np.abs(np.asarray(approximation, np.float64) - reference))
+    scale = np.max(np.abs(reference))
+    return float(error / scale) if scale else float(error)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointLayerReport:
+    """One layer: its weight error, and its output error on sample inputs (None without them).
+
+    Attributes:
+      layer: checkpoint prefix.
+      shape: the weight's `(N, K)`.
+      weight_sqnr_db, weight_max_abs_error, weight_max_rel_error: dequantized fp8 weight vs float.
+      output_sqnr_db, output_max_rel_error: `fp8_dense(x)` vs `x @ W.T + b` (float32) on the inputs.
+    """
+
+    layer: str
+    shape: tuple[int, int]
+    weight_sqnr_db: float
+    weight_max_abs_error: float
+    weight_max_rel_error: float
+    output_sqnr_db: float | None = None
+    output_max_rel_error: float | None = None
+
+
+def compare_checkpoints(
+    float_checkpoint: SafetensorsCheckpoint,
+    fp8_checkpoint: SafetensorsCheckpoint,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    *,
+    config: QuantizationConfig | None = None,
+    on_layer: Callable[[str], None] | None = None,
+) -> list[CheckpointLayerReport]:
+    """Compares every fp8 layer of `fp8_checkpoint` with the same-named float weight.
+
+    `inputs` maps layer prefixes to sample inputs `(..., K)`; those layers also get their output error
+    through the fp8 layer call itself (`dense.fp8_dense`, the checkpoint's scheme).
+    """
+    config = config or read_quantization_config(fp8_checkpoint)
+    reports = []
+    for prefix in fp8_layer_prefixes(fp8_checkpoint):
+        layer = read_fp8_layer(fp8_checkpoint, prefix, config)
+        name = f"{prefix}.weight"
+        if name not in float_checkpoint:
+            raise ValueError(f"the float checkpoint has no {name!r} to compare with")
+        weight = np.asarray(float_checkpoint.tensor(name), np.float32)
+        if weight.shape != layer.weight.shape:
+            raise ValueError(f"{name}: float shape {weight.shape} != fp8 shape {layer.weight.shape}")
+        approx = dequantize(layer)
+        output_sqnr = output_error = None
+        if inputs is not None and prefix in inputs:
+            x = np.asarray(inputs[prefix], np.float32).reshape(-1, weight.shape[1])
+            bias_name = f"{prefix}.bias"
+            bias = np.asarray(float_checkpoint.tensor(bias_name), np.float32) if bias_name in float_checkpoint else 0.0
+            y_float = x @ weight.T + bias
+            params = layer.params()
+            y_fp8 = dense.fp8_dense(
+                jnp.asarray(x),
+                weight=params["weight"],
+                weight_scale=params["weight_scale"],
+                input_scale=params.get("input_scale"),
+                bias=params.get("bias"),
+                scheme=config.scheme,
+                out_dtype=jnp.float32,
+            )
+            output_sqnr, output_error = sqnr_db(y_float, y_fp8), max_rel_error(y_float, y_fp8)
+        reports.append(
+            CheckpointLayerReport(
+                prefix,
+                tuple(weight.shape),
+                sqnr_db(weight, approx),
+                float(np.max(np.abs(approx - weight))),
+                max_rel_error(weight, approx),
+                output_sqnr,
+                output_error,
+            )
+        )
+        if on_layer is not None:
+            on_layer(prefix)
+    return reports

@@ -31,10 +31,16 @@ def _linear_2d(x, weight, weight_scale, input_scale, input_scale_ub, bias, *, ou
         qinput, x_scale = quantization.scaled_fp8_quant(
             x, input_scale, scale_ub=input_scale_ub, use_per_token_if_dynamic=per_token, fp8_dtype=weight.dtype
         )
-    gemm = scaled_mm.dispatch_w8a8_scaled_mm(
-        fused, validation.is_per_tensor(weight_scale), validation.is_per_tensor(x_scale), per_token
-    )
+    gemm = select_gemm(fused, weight_scale, input_scale, per_token)
     return gemm(qinput, weight, x_scale, weight_scale, bias, out_dtype)
+
+
+def select_gemm(fused: bool, weight_scale, input_scale, per_token: bool):
+    """The scaled-GEMM path `dispatch_w8a8_scaled_mm` picks for a layer configured this way."""
+    per_tensor_activations = input_scale is not None or not per_token
+    return scaled_mm.dispatch_w8a8_scaled_mm(
+        fused, validation.is_per_tensor(weight_scale), per_tensor_activations, per_token
+    )
 
 
 class Fp8LinearOp:
@@ -122,10 +128,18 @@ class Fp8LinearOp:
         rows = x.shape[0]
         if self.pad_output and not isinstance(x, jax.core.Tracer):
             x = jax.numpy.pad(x, ((0, bucket_rows(rows) - rows), (0, 0)))
-        kernel = platform.fused_kernel() if self.fused_supported else None
-        fused = kernel is not None and kernel.supports_shape(k, n)
         out = _linear_2d(
             x, weight, weight_scale, input_scale, input_scale_ub, bias,
-            out_dtype=out_dtype, per_token=bool(per_token), fused=fused,
+            out_dtype=out_dtype, per_token=bool(per_token), fused=self._fused_for(k, n),
         )
         return out[:rows].reshape(*input.shape[:-1], n)
+
+    def _fused_for(self, k: int, n: int) -> bool:
+        kernel = platform.fused_kernel() if self.fused_supported else None
+        return kernel is not None and kernel.supports_shape(k, n)
+
+    def gemm_path(self, weight, weight_scale, input_scale=None, use_per_token_if_dynamic=None):
+        """The scaled-GEMM function `apply` would run for these parameters (for logs and notebooks)."""
+        per_token = self.use_per_token_if_dynamic if use_per_token_if_dynamic is None else use_per_token_if_dynamic
+        n, k = weight.shape
+        return select_gemm(self._fused_for(k, n), jax.numpy.asarray(weight_scale), input_scale, bool(per_token))

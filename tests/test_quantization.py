@@ -144,8 +144,11 @@ def test_scalar_static_scale_accepted(key):
         ({"scale": jnp.ones((4, 1))}, ValueError, "static scale must have shape"),
         ({"scale": jnp.array([1], jnp.int32)}, TypeError, "scale must be a float32"),
         ({"scale_ub": jnp.array([1.0])}, ValueError, "scale_ub applies only to dynamic per-token"),
-        ({"scale": jnp.array([1.0]), "scale_ub": jnp.array([1.0]), "use_per_token_if_dynamic": True},
-         ValueError, "scale_ub applies only"),
+        (
+            {"scale": jnp.array([1.0]), "scale_ub": jnp.array([1.0]), "use_per_token_if_dynamic": True},
+            ValueError,
+            "scale_ub applies only",
+        ),
         ({"scale_ub": jnp.array([0.0]), "use_per_token_if_dynamic": True}, ValueError, "scale_ub must be finite"),
         ({"scale_ub": jnp.ones(3), "use_per_token_if_dynamic": True}, ValueError, "scale_ub must have shape"),
         ({"num_token_padding": -1}, ValueError, "num_token_padding"),

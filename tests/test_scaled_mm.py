@@ -138,14 +138,34 @@ def _fp8(shape, dtype=jnp.float8_e4m3fn):
         ((jnp.ones((4, 16)), _fp8((8, 16)), 1.0, 1.0, None, jnp.bfloat16), TypeError, "qinput must be float8"),
         ((_fp8((4, 16)), jnp.ones((8, 16)), 1.0, 1.0, None, jnp.bfloat16), TypeError, "weight must be float8"),
         ((_fp8((4, 16)), _fp8((8, 16, 1)), 1.0, 1.0, None, jnp.bfloat16), ValueError, "weight must be 2-D"),
-        ((_fp8((4, 16)), _fp8((8, 32)), 1.0, 1.0, None, jnp.bfloat16), ValueError, r"weight must be \(N, K\) with K=16"),
+        (
+            (_fp8((4, 16)), _fp8((8, 32)), 1.0, 1.0, None, jnp.bfloat16),
+            ValueError,
+            r"weight must be \(N, K\) with K=16",
+        ),
         ((_fp8((4, 16)), _fp8((8, 16), jnp.float8_e4m3fnuz), 1.0, 1.0, None, jnp.bfloat16), TypeError, "share one fp8"),
-        ((_fp8((4, 16)), _fp8((8, 16)), jnp.ones((3, 1)), 1.0, None, jnp.bfloat16), ValueError, "scale_a must be per-tensor"),
-        ((_fp8((4, 16)), _fp8((8, 16)), 1.0, jnp.ones((4, 1)), None, jnp.bfloat16), ValueError, "scale_b must be per-tensor"),
-        ((_fp8((4, 16)), _fp8((8, 16)), 1.0, 1.0, jnp.ones(4), jnp.bfloat16), ValueError, r"bias must have shape \(8,\)"),
+        (
+            (_fp8((4, 16)), _fp8((8, 16)), jnp.ones((3, 1)), 1.0, None, jnp.bfloat16),
+            ValueError,
+            "scale_a must be per-tensor",
+        ),
+        (
+            (_fp8((4, 16)), _fp8((8, 16)), 1.0, jnp.ones((4, 1)), None, jnp.bfloat16),
+            ValueError,
+            "scale_b must be per-tensor",
+        ),
+        (
+            (_fp8((4, 16)), _fp8((8, 16)), 1.0, 1.0, jnp.ones(4), jnp.bfloat16),
+            ValueError,
+            r"bias must have shape \(8,\)",
+        ),
         ((_fp8((4, 16)), _fp8((8, 16)), 1.0, 1.0, None, jnp.int8), ValueError, "out_dtype must be"),
         ((_fp8((4, 16)), _fp8((8, 16)), -1.0, 1.0, None, jnp.bfloat16), ValueError, "scale_a must be finite and > 0"),
-        ((_fp8((4, 16)), _fp8((8, 16)), 1.0, jnp.full((8, 1), jnp.nan), None, jnp.bfloat16), ValueError, "scale_b must be finite"),
+        (
+            (_fp8((4, 16)), _fp8((8, 16)), 1.0, jnp.full((8, 1), jnp.nan), None, jnp.bfloat16),
+            ValueError,
+            "scale_b must be finite",
+        ),
     ],
 )
 def test_bad_operands(args, error, match):

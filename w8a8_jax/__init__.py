@@ -1,5 +1,7 @@
 """w8a8_jax: FP8 W8A8 linear layers for JAX (vLLM's Fp8LinearOp semantics on XLA and Pallas)."""
 
+from w8a8_jax import checkpoint, convert, linen, nnx, sharding
+from w8a8_jax.dense import Fp8Scheme
 from w8a8_jax.dtypes import FP8_E4M3FN, FP8_E4M3FNUZ, fp8_max
 from w8a8_jax.linear import Fp8LinearOp, bucket_rows
 from w8a8_jax.platform import fp8_dtype, fused_fp8_supported
@@ -25,18 +27,24 @@ __all__ = [
     "FP8_E4M3FN",
     "FP8_E4M3FNUZ",
     "Fp8LinearOp",
+    "Fp8Scheme",
     "all_close_1d",
     "bucket_rows",
+    "checkpoint",
+    "convert",
     "convert_to_channelwise",
     "dispatch_w8a8_scaled_mm",
     "fp8_dtype",
     "fp8_max",
     "fused_fp8_supported",
     "fused_w8a8_scaled_mm",
+    "linen",
+    "nnx",
     "normalize_e4m3fn_to_e4m3fnuz",
     "per_tensor_dequantize",
     "requantize_with_max_scale",
     "scaled_fp8_quant",
+    "sharding",
     "xla_channelwise_w8a8_scaled_mm",
     "xla_per_tensor_w8a8_scaled_mm",
     "xla_per_token_w8a8_scaled_mm",

@@ -65,8 +65,10 @@ def run(seed: int = 0) -> list[dict]:
     tokens, hidden, inter = SIZES["cpu" if backend == "cpu" else "accelerator"]
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((tokens, hidden)).astype(np.float32)
-    weights = [rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[1])
-               for shape in [(inter, hidden), (inter, hidden), (hidden, inter)]]
+    weights = [
+        rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[1])
+        for shape in [(inter, hidden), (inter, hidden), (hidden, inter)]
+    ]
     reference = _mlp_float64(x.astype(np.float64), *(w.astype(np.float64) for w in weights))
     x_bf16 = jnp.asarray(x, jnp.bfloat16)
     repeats = 3 if backend == "cpu" else 20
@@ -78,27 +80,43 @@ def run(seed: int = 0) -> list[dict]:
     rows = []
     bf16_weights = [jnp.asarray(w, jnp.bfloat16) for w in weights]
     bf16_time = _time(bf16_block, x_bf16, *bf16_weights, repeats=repeats)
-    rows.append({"scheme": "bf16 (no quantization)", "path": "XLA dot_general",
-                 "error": _rel_error(bf16_block(x_bf16, *bf16_weights), reference), "seconds": bf16_time})
+    rows.append(
+        {
+            "scheme": "bf16 (no quantization)",
+            "path": "XLA dot_general",
+            "error": _rel_error(bf16_block(x_bf16, *bf16_weights), reference),
+            "seconds": bf16_time,
+        }
+    )
     for scheme in SCHEMES:
         if scheme.fused and not platform.fused_fp8_supported():
             continue
         layers = [_quantize_weight(w, scheme.per_channel) for w in weights]
         op = Fp8LinearOp(fused_supported=scheme.fused, use_per_token_if_dynamic=scheme.per_token)
         # Static scales from this batch's amax (calibration on the data itself).
-        input_scales = [jnp.array([np.abs(a).max() / 448], jnp.float32) if scheme.static else None
-                        for a in _layer_inputs(x, weights)]
+        input_scales = [
+            jnp.array([np.abs(a).max() / 448], jnp.float32) if scheme.static else None
+            for a in _layer_inputs(x, weights)
+        ]
 
         @jax.jit
         def fp8_block(x, layers=layers, input_scales=input_scales, op=op):
             (gw, gs), (uw, us), (dw, ds) = layers
-            h = jax.nn.silu(op.apply(x, gw, gs, input_scale=input_scales[0])) * op.apply(x, uw, us, input_scale=input_scales[1])
+            h = jax.nn.silu(op.apply(x, gw, gs, input_scale=input_scales[0])) * op.apply(
+                x, uw, us, input_scale=input_scales[1]
+            )
             return op.apply(h, dw, ds, input_scale=input_scales[2])
 
         out = fp8_block(x_bf16)
         path = op.gemm_path(*layers[0], input_scale=input_scales[0])
-        rows.append({"scheme": scheme.name, "path": path.__name__, "error": _rel_error(out, reference),
-                     "seconds": _time(fp8_block, x_bf16, repeats=repeats)})
+        rows.append(
+            {
+                "scheme": scheme.name,
+                "path": path.__name__,
+                "error": _rel_error(out, reference),
+                "seconds": _time(fp8_block, x_bf16, repeats=repeats),
+            }
+        )
     return rows
 
 
@@ -116,8 +134,10 @@ def _rel_error(out, reference) -> float:
 def main(seed: int = 0) -> None:
     device = jax.devices()[0]
     tokens, hidden, inter = SIZES["cpu" if device.platform == "cpu" else "accelerator"]
-    print(f"w8a8_jax demo on {device.platform} ({device.device_kind}); fused fp8 kernel: "
-          f"{'yes' if platform.fused_fp8_supported() else 'no'}")
+    print(
+        f"w8a8_jax demo on {device.platform} ({device.device_kind}); fused fp8 kernel: "
+        f"{'yes' if platform.fused_fp8_supported() else 'no'}"
+    )
     print(f"Llama-style MLP block: {tokens} tokens, hidden {hidden}, intermediate {inter}, jit-compiled\n")
     rows = run(seed)
     header = f"{'scheme':<44} {'GEMM path':<32} {'rel. error vs float64':>22} {'ms / call':>10}"

@@ -129,8 +129,15 @@ class Fp8LinearOp:
         if self.pad_output and not isinstance(x, jax.core.Tracer):
             x = jax.numpy.pad(x, ((0, bucket_rows(rows) - rows), (0, 0)))
         out = _linear_2d(
-            x, weight, weight_scale, input_scale, input_scale_ub, bias,
-            out_dtype=out_dtype, per_token=bool(per_token), fused=self._fused_for(k, n),
+            x,
+            weight,
+            weight_scale,
+            input_scale,
+            input_scale_ub,
+            bias,
+            out_dtype=out_dtype,
+            per_token=bool(per_token),
+            fused=self._fused_for(k, n),
         )
         return out[:rows].reshape(*input.shape[:-1], n)
 

@@ -16,15 +16,25 @@ import numpy as np
 from w8a8_jax import dtypes, platform, validation
 
 
-def true_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-    """`numerator / denominator` as an IEEE division, never as a multiply by the reciprocal.
+def true_divide(numerator, denominator) -> jax.Array:
+    """`numerator / denominator` correctly rounded to float32, as IEEE division gives it.
 
-    XLA rewrites `a / broadcast(b)` into `a * broadcast(1 / b)`, which changes the last bit of
-    ~25% of quotients and so, near fp8 rounding ties, the codes. Adding `0 * numerator` makes
-    the divisor an elementwise value XLA cannot rewrite (float `0 * a` is not folded); it fuses
-    into the same loop and costs one multiply-add per element.
+    XLA does not give it directly: it rewrites `a / broadcast(b)` into `a * broadcast(1 / b)`, and
+    on GPU it lowers float32 division to an approximate instruction (`div.full`, up to 2 ulp); each
+    changes the last bit of many quotients and so, near fp8 rounding ties, the codes. So the
+    division runs in float64 (IEEE on every XLA backend) and rounds once to float32, which is
+    exact for division since 53 >= 2 * 24 + 2 (Figueroa). Adding `0 * numerator` to the divisor
+    keeps the broadcast rewrite away (float `0 * a` is not folded). TPUs have no native float64:
+    there the division stays float32.
     """
-    return numerator / (denominator + 0 * numerator)
+    numerator = jnp.asarray(numerator, jnp.float32)
+    denominator = jnp.asarray(denominator, jnp.float32)
+    if jax.default_backend() == "tpu":
+        return numerator / (denominator + 0 * numerator)
+    with jax.enable_x64(True):
+        wide_numerator = numerator.astype(jnp.float64)
+        quotient = wide_numerator / (denominator.astype(jnp.float64) + 0 * wide_numerator)
+        return quotient.astype(jnp.float32)
 
 
 def _to_fp8(scaled: jax.Array, fp8_dtype) -> jax.Array:
@@ -34,7 +44,7 @@ def _to_fp8(scaled: jax.Array, fp8_dtype) -> jax.Array:
 
 def quantize_per_tensor(x: jax.Array, scale: jax.Array, fp8_dtype) -> jax.Array:
     """`x (M, K)` float, `scale ()` float32 -> codes `(M, K)` fp8, multiplying by `1 / scale`."""
-    inverse_scale = 1.0 / scale
+    inverse_scale = true_divide(1.0, scale)
     return _to_fp8(x.astype(jnp.float32) * inverse_scale, fp8_dtype)
 
 
@@ -93,7 +103,9 @@ def scaled_fp8_quant(
     per_token = scale is None and use_per_token_if_dynamic
     if scale_ub is not None:
         if not per_token:
-            raise ValueError("scale_ub applies only to dynamic per-token quantization (scale=None, use_per_token_if_dynamic=True)")
+            raise ValueError(
+                "scale_ub applies only to dynamic per-token quantization (scale=None, use_per_token_if_dynamic=True)"
+            )
         scale_ub = validation.as_scale("scale_ub", scale_ub)
         if not validation.is_per_tensor(scale_ub):
             raise ValueError(f"scale_ub must have shape (1,), got {tuple(scale_ub.shape)}")

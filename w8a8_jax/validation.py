@@ -66,6 +66,5 @@ def check_row_scale(name: str, scale: jax.Array, rows: int, what: str) -> None:
     if is_per_tensor(scale) or tuple(scale.shape) in ((rows, 1), (rows,)):
         return
     raise ValueError(
-        f"{name} must be per-tensor (shape (1,)) or one per {what} (shape ({rows}, 1)), "
-        f"got shape {tuple(scale.shape)}"
+        f"{name} must be per-tensor (shape (1,)) or one per {what} (shape ({rows}, 1)), got shape {tuple(scale.shape)}"
     )

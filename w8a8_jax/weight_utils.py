@@ -56,8 +56,9 @@ def requantize_with_max_scale(
     _check_shards(weight_scale, logical_widths, rows=weight.shape[0])
     max_w_scale = jnp.max(weight_scale)
     unfused_module_in_checkpoint = weight_scale[-1] > float(jnp.finfo(weight.dtype).min)
-    shard_scales = jnp.repeat(weight_scale[: len(logical_widths)], np.asarray(logical_widths),
-                              total_repeat_length=weight.shape[0])
+    shard_scales = jnp.repeat(
+        weight_scale[: len(logical_widths)], np.asarray(logical_widths), total_repeat_length=weight.shape[0]
+    )
     dequantized = per_tensor_dequantize(weight, shard_scales[:, None])
     requantized = quantization.quantize_per_tensor(dequantized, max_w_scale, weight.dtype)
     return max_w_scale, jnp.where(unfused_module_in_checkpoint, requantized, weight)
@@ -68,8 +69,9 @@ def convert_to_channelwise(weight_scale: jax.Array, logical_widths: Sequence[int
     weight_scale = validation.as_scale("weight_scale", weight_scale).reshape(-1)
     _check_shards(weight_scale, logical_widths)
     total = int(sum(logical_widths))
-    return jnp.repeat(weight_scale[: len(logical_widths)], np.asarray(logical_widths),
-                      total_repeat_length=total).reshape(total, 1)
+    return jnp.repeat(
+        weight_scale[: len(logical_widths)], np.asarray(logical_widths), total_repeat_length=total
+    ).reshape(total, 1)
 
 
 def normalize_e4m3fn_to_e4m3fnuz(

@@ -114,7 +114,8 @@ def _gemm_kernel(
             compute_context=compute_context,
         )
 
-    ignore = lambda *_, **__: None
+    def ignore(*_, **__):
+        return None
 
     @functools.partial(
         pl.run_scoped,

@@ -25,6 +25,12 @@ def bucket_rows(m: int) -> int:
 @functools.partial(jax.jit, static_argnames=("out_dtype", "per_token", "fused"))
 def _linear_2d(x, weight, weight_scale, input_scale, input_scale_ub, bias, *, out_dtype, per_token, fused):
     """`x (M, K)` float or fp8 -> `(M, N)` out_dtype; one program per shape and configuration."""
+    kernel = platform.fused_kernel() if fused else None
+    quantizes_per_row_or_static = not dtypes.is_fp8(x.dtype) and (input_scale is not None or per_token)
+    if kernel is not None and kernel.quant_scaled_mm is not None and quantizes_per_row_or_static:
+        return kernel.quant_scaled_mm(
+            x, weight, weight_scale, input_scale=input_scale, scale_ub=input_scale_ub, bias=bias, out_dtype=out_dtype
+        )
     if dtypes.is_fp8(x.dtype):
         qinput, x_scale = x, input_scale
     else:

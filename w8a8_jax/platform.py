@@ -29,12 +29,16 @@ class FusedKernel:
         where it does not, the XLA paths run instead.
       per_token_quant: optional fused dynamic per-token quantizer,
         `(input (M, K), scale_ub (1,) | None, fp8_dtype) -> (q (M, K), scale (M, 1))`.
+      quant_scaled_mm: optional GEMM that quantizes its float input itself, static or dynamic
+        per-token, with codes identical to `scaled_fp8_quant`'s: `(x (M, K), weight, weight_scale,
+        *, input_scale, scale_ub, bias, out_dtype) -> (M, N)`. `Fp8LinearOp` prefers it.
     """
 
     scaled_mm: ScaledMM
     supports_device: Callable[[jax.Device], bool]
     supports_shape: Callable[[int, int], bool] = lambda k, n: True
     per_token_quant: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+    quant_scaled_mm: Callable[..., jax.Array] | None = None
 
 
 # Kernel packages register themselves on import; these are imported on the first query.

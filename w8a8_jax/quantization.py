@@ -56,10 +56,16 @@ def dynamic_per_tensor_scale(x: jax.Array, fp8_dtype) -> jax.Array:
     return jnp.where(scale >= np.finfo(np.float32).tiny, scale, jnp.float32(dtypes.min_scaling_factor(fp8_dtype)))
 
 
-def quantize_per_token(x: jax.Array, scale_ub: jax.Array | None, fp8_dtype) -> tuple[jax.Array, jax.Array]:
-    """`x (M, K)` float -> codes `(M, K)` fp8 and scales `(M, 1)` float32, one per row."""
+def quantize_per_token(
+    x: jax.Array, scale_ub: jax.Array | None, fp8_dtype, *, row_amax: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """`x (M, K)` float -> codes `(M, K)` fp8 and scales `(M, 1)` float32, one per row.
+
+    `row_amax (M, 1)` float32 replaces the rows' amax of `x` where the rows extend beyond `x`
+    (the K shards of a row-parallel layer, reduced with `pmax`).
+    """
     x = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+    amax = jnp.max(jnp.abs(x), axis=1, keepdims=True) if row_amax is None else row_amax
     if scale_ub is not None:
         amax = jnp.minimum(amax, scale_ub.reshape(()))
     scale = jnp.maximum(

@@ -100,15 +100,9 @@ def _row_quantize(x, params, scheme: dense.Fp8Scheme, axis_name: str):
         amax = jax.lax.pmax(jnp.max(jnp.abs(x)).astype(jnp.float32), axis_name)
         input_scale = quantization.dynamic_per_tensor_scale(amax.reshape(1), fp8_dtype).reshape(1)
         return quantization.quantize_per_tensor(x, input_scale[0], fp8_dtype), input_scale
-    # Per token: append the whole row's amax as one more column, so that the per-token quantizer
-    # (one formula, with scale_ub) derives each row's scale from it; its code is dropped.
-    x = x.astype(jnp.float32)
-    row_amax = jax.lax.pmax(jnp.max(jnp.abs(x), axis=1, keepdims=True), axis_name)
+    row_amax = jax.lax.pmax(jnp.max(jnp.abs(x), axis=1, keepdims=True).astype(jnp.float32), axis_name)
     scale_ub = None if scheme.scale_ub is None else jnp.full((1,), scheme.scale_ub, jnp.float32)
-    codes, per_token_scale = quantization.quantize_per_token(
-        jnp.concatenate([x, row_amax], axis=1), scale_ub, fp8_dtype
-    )
-    return codes[:, :-1], per_token_scale
+    return quantization.quantize_per_token(x, scale_ub, fp8_dtype, row_amax=row_amax)
 
 
 def row_parallel(

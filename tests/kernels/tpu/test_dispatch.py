@@ -51,12 +51,23 @@ def counting(fn, calls):
     return wrapped
 
 
-def test_forced_capability_runs_tpu_kernels_through_fp8_linear_op(key):
-    """Fp8LinearOp with dynamic per-token activations: TPU quant kernel, then TPU GEMM, on CPU."""
+@pytest.mark.parametrize(
+    "scheme, expected_calls",
+    [
+        ("dynamic_per_token", ["fused_quant_scaled_mm"]),  # quantized inside the GEMM kernel
+        ("static", ["fused_quant_scaled_mm"]),
+        ("dynamic_per_tensor", ["w8a8_scaled_mm"]),  # needs a global amax first: XLA quant, TPU GEMM
+    ],
+)
+def test_forced_capability_runs_tpu_kernels_through_fp8_linear_op(key, scheme, expected_calls):
+    """Fp8LinearOp on a (forced) TPU runs the TPU kernels for every activation scheme, on CPU."""
     calls = []
     base = tpu.make_fused_kernel(interpret=INTERPRET)
     kernel = dataclasses.replace(
-        base, scaled_mm=counting(base.scaled_mm, calls), per_token_quant=counting(base.per_token_quant, calls)
+        base,
+        scaled_mm=counting(base.scaled_mm, calls),
+        per_token_quant=counting(base.per_token_quant, calls),
+        quant_scaled_mm=counting(base.quant_scaled_mm, calls),
     )
     ks = jax.random.split(key, 4)
     m, k, n = 19, 384, 256  # shapes of this test only, so the op's jit cache holds no other kernel
@@ -64,12 +75,18 @@ def test_forced_capability_runs_tpu_kernels_through_fp8_linear_op(key):
     weight = jnp.clip(jax.random.normal(ks[1], (n, k)) * 100, -448, 448).astype(jnp.float8_e4m3fn)
     weight_scale = jax.random.uniform(ks[2], (n, 1), minval=0.5, maxval=2.0) * 1e-3
     bias = jax.random.normal(ks[3], (n,))
+    input_scale = jnp.array([0.02], jnp.float32) if scheme == "static" else None
     with platform.override(fused_kernel=kernel):
-        op = Fp8LinearOp(use_per_token_if_dynamic=True, pad_output=False)
+        op = Fp8LinearOp(use_per_token_if_dynamic=scheme == "dynamic_per_token", pad_output=False)
         assert op.fused_supported
-        out = op.apply(x, weight, weight_scale, bias=bias)
-    assert calls == ["per_token_quant", "w8a8_scaled_mm"], calls
-    codes, x_scale = reference.quant_dynamic_per_token(x)
+        out = op.apply(x, weight, weight_scale, input_scale=input_scale, bias=bias)
+    assert calls == expected_calls, calls
+    if scheme == "dynamic_per_token":
+        codes, x_scale = reference.quant_dynamic_per_token(x)
+    elif scheme == "static":
+        codes, x_scale = reference.quant_static(x, 0.02), np.array([0.02], np.float32)
+    else:
+        codes, x_scale = reference.quant_dynamic_per_tensor(x)
     reference.assert_gemm_close(out, reference.scaled_mm(codes, weight, x_scale, weight_scale, bias), k, jnp.bfloat16)
 
 

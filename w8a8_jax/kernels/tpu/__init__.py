@@ -43,6 +43,7 @@ def make_fused_kernel(
         scaled_mm=functools.partial(w8a8_scaled_mm, generation=generation, interpret=interpret),
         supports_device=supports_device,
         per_token_quant=functools.partial(per_token_quant, generation=generation, interpret=interpret),
+        quant_scaled_mm=functools.partial(fused_quant_scaled_mm, generation=generation, interpret=interpret),
     )
 
 

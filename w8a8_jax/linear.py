@@ -120,11 +120,7 @@ class Fp8LinearOp:
         validation.check_row_scale("weight_scale", weight_scale, n, "output channel")
         validation.check_scale_values("weight_scale", weight_scale)
         if input_scale is not None:
-            input_scale = validation.as_scale("input_scale", input_scale)
-            if not validation.is_per_tensor(input_scale):
-                raise ValueError(f"input_scale must have shape (1,), got {tuple(input_scale.shape)}")
-            validation.check_scale_values("input_scale", input_scale)
-            input_scale = input_scale.reshape(1)
+            input_scale = validation.per_tensor_scale("input_scale", input_scale)
         if input_scale_ub is not None and (input_scale is not None or not per_token):
             raise ValueError("input_scale_ub applies only to dynamic per-token quantization")
         if bias is not None and tuple(bias.shape) != (n,):

@@ -112,17 +112,10 @@ def scaled_fp8_quant(
             raise ValueError(
                 "scale_ub applies only to dynamic per-token quantization (scale=None, use_per_token_if_dynamic=True)"
             )
-        scale_ub = validation.as_scale("scale_ub", scale_ub)
-        if not validation.is_per_tensor(scale_ub):
-            raise ValueError(f"scale_ub must have shape (1,), got {tuple(scale_ub.shape)}")
-        validation.check_scale_values("scale_ub", scale_ub)
+        scale_ub = validation.per_tensor_scale("scale_ub", scale_ub)
 
     if scale is not None:
-        scale = validation.as_scale("scale", scale)
-        if not validation.is_per_tensor(scale):
-            raise ValueError(f"a static scale must have shape () or (1,), got {tuple(scale.shape)}")
-        validation.check_scale_values("scale", scale)
-        scale = scale.reshape(1)
+        scale = validation.per_tensor_scale("scale", scale)
         q = quantize_per_tensor(input, scale[0], fp8_dtype)
     elif per_token:
         kernel = platform.fused_kernel()

@@ -56,6 +56,15 @@ def check_scale_values(name: str, scale: jax.Array) -> None:
         raise ValueError(f"{name} must be finite and > 0, got {values[bad].ravel()[:4]} among its values")
 
 
+def per_tensor_scale(name: str, scale) -> jax.Array:
+    """A one-value scale (array or number; shape (), (1,) or (1, 1)) checked and returned as `(1,)` float32."""
+    scale = as_scale(name, scale)
+    if not is_per_tensor(scale):
+        raise ValueError(f"{name} must have shape (1,), got {tuple(scale.shape)}")
+    check_scale_values(name, scale)
+    return scale.reshape(1)
+
+
 def is_per_tensor(scale: jax.Array) -> bool:
     """A scale with one element (shape (), (1,) or (1, 1))."""
     return scale.size == 1 and scale.ndim <= 2

@@ -96,11 +96,7 @@ def per_token_quant(
     if not dtypes.is_fp8(fp8_dtype):
         raise TypeError(f"fp8_dtype must be float8_e4m3fn or float8_e4m3fnuz, got {fp8_dtype}")
     if scale_ub is not None:
-        scale_ub = validation.as_scale("scale_ub", scale_ub)
-        if not validation.is_per_tensor(scale_ub):
-            raise ValueError(f"scale_ub must have shape (1,), got {tuple(scale_ub.shape)}")
-        validation.check_scale_values("scale_ub", scale_ub)
-        scale_ub = scale_ub.reshape(1)
+        scale_ub = validation.per_tensor_scale("scale_ub", scale_ub)
     gen = hardware.resolve(generation)
     m, k = x.shape
     tile_m = quant_tile_m(gen, m, k, x.dtype)

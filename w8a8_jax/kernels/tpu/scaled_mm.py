@@ -362,17 +362,9 @@ def fused_quant_scaled_mm(
     if input_scale is not None:
         if scale_ub is not None:
             raise ValueError("scale_ub applies only to dynamic per-token quantization (input_scale=None)")
-        input_scale = validation.as_scale("input_scale", input_scale)
-        if not validation.is_per_tensor(input_scale):
-            raise ValueError(f"input_scale must have shape (1,), got {tuple(input_scale.shape)}")
-        validation.check_scale_values("input_scale", input_scale)
-        input_scale = input_scale.reshape(1)
+        input_scale = validation.per_tensor_scale("input_scale", input_scale)
     elif scale_ub is not None:
-        scale_ub = validation.as_scale("scale_ub", scale_ub)
-        if not validation.is_per_tensor(scale_ub):
-            raise ValueError(f"scale_ub must have shape (1,), got {tuple(scale_ub.shape)}")
-        validation.check_scale_values("scale_ub", scale_ub)
-        scale_ub = scale_ub.reshape(1)
+        scale_ub = validation.per_tensor_scale("scale_ub", scale_ub)
     # Validate the weight side once, with the codes-path checks (dtype, shapes, scale values).
     placeholder_codes = jax.ShapeDtypeStruct((m, k), fp8_dtype)
     _, weight_scale, bias, out_dtype = scaled_mm_paths.check_operands(

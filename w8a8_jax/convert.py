@@ -348,15 +348,7 @@ class LinenFp8Model:
         if scheme is None:
             return next_fun(*args, **kwargs)
         params = module.variables["params"]
-        return dense.fp8_dense(
-            args[0],
-            weight=params["weight"],
-            weight_scale=params["weight_scale"],
-            input_scale=params.get("input_scale"),
-            bias=params.get("bias"),
-            scheme=scheme,
-            out_dtype=module.dtype,
-        )
+        return dense.fp8_dense_params(args[0], params, scheme=scheme, out_dtype=module.dtype)
 
     def apply(self, variables, *args, **kwargs):
         with nn.intercept_methods(self._intercept):
@@ -441,15 +433,7 @@ def quantize_linen(
             if fp8_params is not None:
                 layer = fp8_params[path]
                 scheme = observed[path][1].scheme
-                y_fp8 = dense.fp8_dense(
-                    args[0],
-                    weight=layer["weight"],
-                    weight_scale=layer["weight_scale"],
-                    input_scale=layer.get("input_scale"),
-                    bias=layer.get("bias"),
-                    scheme=scheme,
-                    out_dtype=module.dtype,
-                )
+                y_fp8 = dense.fp8_dense_params(args[0], layer, scheme=scheme, out_dtype=module.dtype)
                 clip = _clip_bound(scheme, layer.get("input_scale"), fp8_dtype)
             for name, value in _layer_stats(args[0], y_float, y_fp8, clip).items():
                 module.sow(

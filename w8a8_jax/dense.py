@@ -199,3 +199,16 @@ def fp8_dense(
         input_scale_ub=scale_ub,
         bias=bias,
     )
+
+
+def fp8_dense_params(inputs: jax.Array, params: dict, *, scheme: Fp8Scheme, out_dtype=None) -> jax.Array:
+    """`fp8_dense` on a parameter dict keyed as both modules name their parameters (`fp8_params`)."""
+    return fp8_dense(
+        inputs,
+        weight=params["weight"],
+        weight_scale=params["weight_scale"],
+        input_scale=params.get("input_scale"),
+        bias=params.get("bias"),
+        scheme=scheme,
+        out_dtype=out_dtype,
+    )

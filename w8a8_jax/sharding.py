@@ -75,15 +75,7 @@ def column_parallel(
     lead = (None,) * (inputs.ndim - 1)
 
     def local(x, shard):
-        return dense.fp8_dense(
-            x,
-            weight=shard["weight"],
-            weight_scale=shard["weight_scale"],
-            input_scale=shard.get("input_scale"),
-            bias=shard.get("bias"),
-            scheme=scheme,
-            out_dtype=out_dtype,
-        )
+        return dense.fp8_dense_params(x, shard, scheme=scheme, out_dtype=out_dtype)
 
     return jax.shard_map(
         local, mesh=mesh, in_specs=(PartitionSpec(), specs), out_specs=PartitionSpec(*lead, axis_name)

@@ -82,15 +82,7 @@ def compare_checkpoints(
             bias = np.asarray(float_checkpoint.tensor(bias_name), np.float32) if bias_name in float_checkpoint else 0.0
             y_float = x @ weight.T + bias
             params = layer.params()
-            y_fp8 = dense.fp8_dense(
-                jnp.asarray(x),
-                weight=params["weight"],
-                weight_scale=params["weight_scale"],
-                input_scale=params.get("input_scale"),
-                bias=params.get("bias"),
-                scheme=config.scheme,
-                out_dtype=jnp.float32,
-            )
+            y_fp8 = dense.fp8_dense_params(jnp.asarray(x), params, scheme=config.scheme, out_dtype=jnp.float32)
             output_sqnr, output_error = sqnr_db(y_float, y_fp8), max_rel_error(y_float, y_fp8)
         reports.append(
             CheckpointLayerReport(

@@ -181,6 +181,13 @@ def _layer_report(path: str, scheme: dense.Fp8Scheme, input_scale, stats: dict) 
     )
 
 
+def _static_input_scale(path: str, stats: dict | None, fp8_dtype) -> jax.Array:
+    """The calibrated `input_scale (1,)` of static layer `path` from its merged stats."""
+    if stats is None:
+        raise ValueError(f"static layer {path!r} was not called on calibration_data")
+    return dense.static_input_scale(stats["input_amax"], fp8_dtype)
+
+
 def _check_calibration(static_paths: list[str], stacked_static: list[str], batches: list) -> None:
     if stacked_static:
         raise NotImplementedError(
@@ -264,6 +271,8 @@ def quantize_nnx(
 
     Returns:
       A `QuantizationReport` with one row per converted layer observed on `calibration_data`.
+      A converted layer returns the dtype its float layer returned (`result_type(input, kernel,
+      bias)`, or the layer's `dtype`).
     """
     forward = forward or (lambda module, batch: module(batch))
     fp8_dtype = dense.resolve_fp8_dtype(fp8_dtype)
@@ -290,7 +299,7 @@ def quantize_nnx(
     fp8_layers = {}
     for path, _, _, linear, rule in targets:
         scheme = rule.scheme
-        input_scale = dense.static_input_scale(amax[path]["input_amax"], fp8_dtype) if scheme.is_static else None
+        input_scale = _static_input_scale(path, amax.get(path), fp8_dtype) if scheme.is_static else None
         kernel = linear.kernel[...]
         bias = None if linear.bias is None else linear.bias[...]
         to_params = functools.partial(
@@ -302,12 +311,14 @@ def quantize_nnx(
         )
         for _ in range(kernel.ndim - 2):  # layers stacked by nnx.scan/vmap: quantize each slice
             to_params = jax.vmap(to_params)
-        fp8_layers[path] = fp8_nnx.Fp8Dense.from_fp8(to_params(kernel, bias), scheme=scheme, dtype=linear.dtype)
+        fp8_layers[path] = fp8_nnx._stand_in(to_params(kernel, bias), scheme=scheme, layer=linear)
 
     reports = []
     if batches and observed:
         stats = _run_observed(model, observed, fp8_layers, batches, forward, fp8_dtype)
         for path, _, _, _, rule in observed:
+            if stats[path] is None:  # not called on calibration_data: nothing to report
+                continue
             layer = fp8_layers[path]
             reports.append(
                 _layer_report(
@@ -329,12 +340,23 @@ def _as_args(batch) -> tuple:
     return batch if isinstance(batch, tuple) else (batch,)
 
 
+def _dense_inputs(args: tuple, kwargs: dict) -> jax.Array:
+    """The input of an intercepted `nn.Dense.__call__(inputs)`, passed by position or by name."""
+    return args[0] if args else kwargs["inputs"]
+
+
+def _dense_out_dtype(module: nn.Dense, inputs: jax.Array):
+    """The dtype a float `nn.Dense` returns for `inputs`: its `dtype`, else `result_type(inputs, param_dtype)`."""
+    return module.dtype if module.dtype is not None else jnp.result_type(inputs.dtype, module.param_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class LinenFp8Model:
     """A linen model whose `nn.Dense` calls at `schemes`' paths run as `Fp8Dense` on converted params.
 
     `apply(variables, *args, **kwargs)` is the model's own `apply` with those calls intercepted; it
-    works under `jax.jit`, `jax.vmap` and inside `nn.scan`.
+    works under `jax.jit`, `jax.vmap` and inside `nn.scan`. Each intercepted call returns the dtype
+    the float `nn.Dense` would have returned (its `dtype`, else `result_type(input, param_dtype)`).
     """
 
     model: nn.Module
@@ -348,7 +370,8 @@ class LinenFp8Model:
         if scheme is None:
             return next_fun(*args, **kwargs)
         params = module.variables["params"]
-        return dense.fp8_dense_params(args[0], params, scheme=scheme, out_dtype=module.dtype)
+        inputs = _dense_inputs(args, kwargs)
+        return dense.fp8_dense_params(inputs, params, scheme=scheme, out_dtype=_dense_out_dtype(module, inputs))
 
     def apply(self, variables, *args, **kwargs):
         with nn.intercept_methods(self._intercept):
@@ -428,14 +451,15 @@ def quantize_linen(
             path = "/".join(module.path) if isinstance(module, nn.Dense) else None
             if context.method_name != "__call__" or path not in observed:
                 return next_fun(*args, **kwargs)
+            inputs = _dense_inputs(args, kwargs)
             y_float = next_fun(*args, **kwargs)
             y_fp8, clip = y_float, math.inf
             if fp8_params is not None:
                 layer = fp8_params[path]
                 scheme = observed[path][1].scheme
-                y_fp8 = dense.fp8_dense_params(args[0], layer, scheme=scheme, out_dtype=module.dtype)
+                y_fp8 = dense.fp8_dense_params(inputs, layer, scheme=scheme, out_dtype=_dense_out_dtype(module, inputs))
                 clip = _clip_bound(scheme, layer.get("input_scale"), fp8_dtype)
-            for name, value in _layer_stats(args[0], y_float, y_fp8, clip).items():
+            for name, value in _layer_stats(inputs, y_float, y_fp8, clip).items():
                 module.sow(
                     _CALIBRATION,
                     name,
@@ -450,7 +474,11 @@ def quantize_linen(
             for args in batches:
                 _, state = model.apply(variables, *args, mutable=[_CALIBRATION])
                 for path, (keys, _, _) in observed.items():
-                    totals[path] = _merge(totals.get(path), dict(_tree_get(state[_CALIBRATION], keys)))
+                    try:
+                        stats = dict(_tree_get(state[_CALIBRATION], keys))
+                    except KeyError:  # not called on this batch
+                        continue
+                    totals[path] = _merge(totals.get(path), stats)
         return totals
 
     static = any(rule.scheme.is_static for _, rule, _ in observed.values())
@@ -459,7 +487,7 @@ def quantize_linen(
     new_params = params
     for path, (keys, rule, _) in targets.items():
         scheme = rule.scheme
-        input_scale = dense.static_input_scale(amax[path]["input_amax"], fp8_dtype) if scheme.is_static else None
+        input_scale = _static_input_scale(path, amax.get(path), fp8_dtype) if scheme.is_static else None
         float_layer = _tree_get(params, keys)
         to_params = functools.partial(
             dense.fp8_params,
@@ -477,6 +505,7 @@ def quantize_linen(
     if report and observed:
         stats = run_observed(fp8_params)
         for path, (_, rule, _) in observed.items():
-            reports.append(_layer_report(path, rule.scheme, fp8_params[path].get("input_scale"), stats[path]))
+            if path in stats:
+                reports.append(_layer_report(path, rule.scheme, fp8_params[path].get("input_scale"), stats[path]))
     fp8_model = LinenFp8Model(model, {path: rule.scheme for path, (_, rule, _) in targets.items()})
     return fp8_model, {**variables, "params": new_params}, QuantizationReport(tuple(reports))

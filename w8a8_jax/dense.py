@@ -141,8 +141,8 @@ def fuse_fp8_shards(
         or `(N_i, 1)` per channel.
       weight_granularity: "per_tensor": per-tensor shard scales become their max and the shards are
         requantized to it (`requantize_with_max_scale`); "per_channel": per-tensor shard scales are
-        expanded to one per row (`convert_to_channelwise`, codes unchanged) and per-channel scales
-        are concatenated.
+        expanded to one per row (`convert_to_channelwise`, codes unchanged) and concatenated with
+        the per-channel ones.
 
     Returns:
       `(weight (sum N_i, K) fp8, weight_scale (1,) | (sum N_i, 1) float32)`.
@@ -165,7 +165,18 @@ def fuse_fp8_shards(
         return weight, max_scale.reshape(1)
     if per_tensor_shards:
         return weight, weight_utils.convert_to_channelwise(jnp.stack([s.reshape(()) for s in scales]), widths)
-    return weight, jnp.concatenate([s.reshape(-1, 1) for s in scales], axis=0)
+    row_scales = []
+    for index, (scale, rows) in enumerate(zip(scales, widths)):
+        if scale.size == 1:  # a per-tensor shard among per-channel ones: one scale per row
+            row_scales.append(weight_utils.convert_to_channelwise(scale.reshape(1), [rows]))
+        elif scale.size == rows:
+            row_scales.append(scale.reshape(rows, 1))
+        else:
+            raise ValueError(
+                f"shard {index}: weight_scale of shape {tuple(scale.shape)} is neither per tensor nor per "
+                f"channel for its {rows} rows"
+            )
+    return weight, jnp.concatenate(row_scales, axis=0)
 
 
 def fp8_dense(

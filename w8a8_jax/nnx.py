@@ -4,6 +4,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from w8a8_jax import dense
@@ -72,9 +73,12 @@ class Fp8Dense(nnx.Module):
 
     def _set(self, params: dict, scheme: dense.Fp8Scheme, in_features: int, dtype) -> None:
         self.in_features = in_features
-        self.out_features = int(params["weight"].shape[0])
+        self.out_features = int(params["weight"].shape[-2])
         self.scheme = scheme
         self.dtype = dtype
+        # With dtype None the output is `result_type(input, *_promote_with)`: () keeps the input's
+        # dtype; a layer standing in for a float `nnx.Linear` promotes as that layer did.
+        self._promote_with: tuple[np.dtype, ...] = ()
         self.weight = nnx.Param(params["weight"])
         self.weight_scale = nnx.Param(params["weight_scale"])
         self.input_scale = nnx.Param(params["input_scale"]) if "input_scale" in params else None
@@ -104,8 +108,12 @@ class Fp8Dense(nnx.Module):
 
     @classmethod
     def from_fp8(cls, params: dict, *, scheme: dense.Fp8Scheme, dtype: Any = None) -> "Fp8Dense":
-        """Wraps already-quantized parameters (`weight (N, K)` fp8, `weight_scale`, ...) in an `Fp8Dense`."""
-        out_features, in_features = params["weight"].shape
+        """Wraps already-quantized parameters (`weight (N, K)` fp8, `weight_scale`, ...) in an `Fp8Dense`.
+
+        Parameters with leading axes (`weight (L, N, K)`, `weight_scale (L, 1) | (L, N, 1)`, ...: a
+        stack of L layers, as `nnx.vmap` builds it) make a stacked layer to run under `nnx.scan`.
+        """
+        out_features, in_features = params["weight"].shape[-2:]
         # Build the module abstractly (no random draw, no quantization), then put the arrays in.
         layer = nnx.eval_shape(
             lambda: cls(
@@ -125,6 +133,9 @@ class Fp8Dense(nnx.Module):
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """`inputs (..., K)` -> `(..., out_features)` in `dtype` (default the input's)."""
+        out_dtype = self.dtype
+        if out_dtype is None and self._promote_with:
+            out_dtype = jnp.result_type(inputs.dtype, *self._promote_with)
         return dense.fp8_dense(
             inputs,
             weight=self.weight[...],
@@ -132,5 +143,21 @@ class Fp8Dense(nnx.Module):
             input_scale=None if self.input_scale is None else self.input_scale[...],
             bias=None if self.bias is None else self.bias[...],
             scheme=self.scheme,
-            out_dtype=self.dtype,
+            out_dtype=out_dtype,
         )
+
+
+def _stand_in(params: dict, *, scheme: dense.Fp8Scheme, layer: nnx.Linear | Fp8Dense) -> Fp8Dense:
+    """The `Fp8Dense` on `params` that replaces `layer` (a float `nnx.Linear` or an `Fp8Dense`).
+
+    It returns what `layer` returned for the same input dtype: `layer.dtype` if set, else for an
+    `nnx.Linear` the promotion of the input with its kernel and bias (`result_type(input, kernel,
+    bias)`, as `nnx.Linear` computes), for an `Fp8Dense` the same rule as `layer`'s.
+    """
+    fp8_layer = Fp8Dense.from_fp8(params, scheme=scheme, dtype=layer.dtype)
+    if isinstance(layer, Fp8Dense):
+        fp8_layer._promote_with = layer._promote_with
+    elif layer.dtype is None:
+        float_params = (layer.kernel, layer.bias)
+        fp8_layer._promote_with = tuple(np.dtype(p.get_value().dtype) for p in float_params if p is not None)
+    return fp8_layer

@@ -38,8 +38,8 @@ def _params_and_scheme(layer, scheme: dense.Fp8Scheme | None) -> tuple[dict, den
 def param_specs(params: dict, axis_name: str, mode: Mode) -> dict[str, PartitionSpec]:
     """PartitionSpecs of an `Fp8Dense`'s parameters: scales sharded with the axis they belong to.
 
-    "column": `weight` and a per-channel `weight_scale` split on N, `bias` on N. "row": `weight`
-    split on K; scales and bias (all per output channel or per tensor) replicated.
+    "column": `weight` and a per-channel `weight_scale` (`(N, 1)` or `(N,)`) split on N, `bias` on
+    N. "row": `weight` split on K; scales and bias (all per output channel or per tensor) replicated.
     """
     if mode not in ("column", "row"):
         raise ValueError(f"mode must be 'column' or 'row', got {mode!r}")
@@ -50,7 +50,7 @@ def param_specs(params: dict, axis_name: str, mode: Mode) -> dict[str, Partition
         elif mode == "column" and name == "bias":
             specs[name] = PartitionSpec(axis_name)
         elif mode == "column" and name == "weight_scale" and not validation.is_per_tensor(value):
-            specs[name] = PartitionSpec(axis_name, None)
+            specs[name] = PartitionSpec(axis_name, *(None,) * (value.ndim - 1))
         else:
             specs[name] = PartitionSpec()
     return specs

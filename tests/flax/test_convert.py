@@ -198,3 +198,208 @@ def test_linen_scan_stack_converts_per_slice(key):
         layer_params = jax.tree.map(lambda a, i=i: a[i], fp8_variables["params"]["Dense_0"])
         expected = jax.nn.relu(fp8_linen.Fp8Dense(32).apply({"params": layer_params}, expected))
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6, atol=1e-6)
+
+
+class ScannedStack(nnx.Module):
+    """Three `nnx.Linear` layers stacked by `nnx.vmap` (weights `(3, K, N)`), run by `nnx.scan`.
+
+    Every layer sees the same input and the scan returns each layer's output `(3, M, N)`, so each
+    slice can be checked on its own.
+    """
+
+    def __init__(self, key, k, n):
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make(layer_key):
+            return nnx.Linear(k, n, bias_init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(layer_key))
+
+        self.layers = make(jax.random.split(key, 3))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
+        def run(layer, x):
+            return x, layer(x)
+
+        return run(self.layers, x)[1]
+
+
+def reference_activation(x, activation_scheme):
+    if activation_scheme == "dynamic_per_tensor":
+        return reference.quant_dynamic_per_tensor(x)
+    return reference.quant_dynamic_per_token(x)
+
+
+@pytest.mark.parametrize(
+    "weight_granularity,activation_scheme", [("per_tensor", "dynamic_per_tensor"), ("per_channel", "dynamic_per_token")]
+)
+def test_nnx_scan_stack_converts_per_slice(key, weight_granularity, activation_scheme):
+    k, n = 40, 24
+    k_model, k_x = jax.random.split(key)
+    model = ScannedStack(k_model, k, n)
+    kernels = np.asarray(model.layers.kernel[...])
+    biases = np.asarray(model.layers.bias[...])
+    rule = convert.QuantizationRule(weight_granularity=weight_granularity, activation_scheme=activation_scheme)
+    report = convert.quantize_nnx(model, [rule])
+    layers = model.layers
+    assert isinstance(layers, fp8_nnx.Fp8Dense) and (layers.in_features, layers.out_features) == (k, n)
+    assert layers.weight[...].shape == (3, n, k)
+    assert report.layers == ()  # stacked layers are converted but not observed
+    x = jax.random.normal(k_x, (5, k), jnp.float32)
+    out = np.asarray(nnx.jit(lambda m, x: m(x))(model, x))
+    assert out.shape == (3, 5, n)
+    x_codes, x_scale = reference_activation(np.asarray(x), activation_scheme)
+    for i in range(3):
+        # Each slice is quantized as a layer of its own: its own codes and scales, from NumPy.
+        w = kernels[i].T
+        w_codes, w_scale = (
+            reference.quant_dynamic_per_tensor(w)
+            if weight_granularity == "per_tensor"
+            else reference.quant_dynamic_per_token(w)
+        )
+        np.testing.assert_array_equal(np.asarray(layers.weight[...][i]).view(np.uint8), w_codes.view(np.uint8))
+        np.testing.assert_array_equal(np.asarray(layers.weight_scale[...][i]), w_scale)
+        np.testing.assert_array_equal(np.asarray(layers.bias[...][i]), biases[i])
+        # Same codes on both sides: only float32 accumulation and output rounding differ.
+        ref = reference.scaled_mm(x_codes, w_codes, x_scale, w_scale, biases[i])
+        reference.assert_gemm_close(out[i], ref, k, jnp.float32)
+
+
+def test_nnx_scan_stack_static_is_refused(key):
+    model = ScannedStack(key, 16, 8)
+    with pytest.raises(NotImplementedError, match="stacked"):
+        convert.quantize_nnx(
+            model, [convert.QuantizationRule(activation_scheme="static")], calibration_data=batches(key, 1, (2, 16))
+        )
+
+
+class WithUnused(nnx.Module):
+    def __init__(self, rngs):
+        self.used = nnx.Linear(32, 16, rngs=rngs)
+        self.unused = nnx.Linear(32, 16, rngs=rngs)
+
+    def __call__(self, x):
+        return self.used(x)
+
+
+def test_static_layer_not_called_on_calibration_data_is_an_error(key):
+    model = WithUnused(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"static layer 'unused' was not called on calibration_data"):
+        convert.quantize_nnx(
+            model, [convert.QuantizationRule(activation_scheme="static")], calibration_data=batches(key, 2)
+        )
+    assert isinstance(model.used, nnx.Linear) and isinstance(model.unused, nnx.Linear)  # nothing replaced
+
+
+def test_dynamic_layer_not_called_is_converted_and_left_out_of_the_report(key):
+    model = WithUnused(nnx.Rngs(0))
+    report = convert.quantize_nnx(model, [convert.QuantizationRule()], calibration_data=batches(key, 2))
+    assert [row.path for row in report.layers] == ["used"]
+    assert isinstance(model.unused, fp8_nnx.Fp8Dense)
+
+
+def test_linen_layer_called_on_some_batches_only(key):
+    class Branching(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(32, name="first")(x)
+            if x.shape[0] > 4:  # only batches of more than 4 rows reach "second"
+                x = nn.Dense(32, name="second")(x)
+            return x
+
+    model = Branching()
+    data = [batches(k, 1, shape)[0] for k, shape in zip(jax.random.split(key), [(6, 32), (3, 32)])]
+    variables = model.init(jax.random.key(0), data[0])
+    rule = convert.QuantizationRule(activation_scheme="static", weight_granularity="per_tensor")
+    _, fp8_variables, report = convert.quantize_linen(model, variables, [rule], data)
+    p = variables["params"]["first"]
+    hidden = np.asarray(data[0], np.float64) @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+    # "second" saw one batch: its amax is that batch's (float32 layer vs float64: K=32 rounding).
+    np.testing.assert_allclose(report["second"].input_amax, np.abs(hidden).max(), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(fp8_variables["params"]["second"]["input_scale"]), [report["second"].input_amax / 448], rtol=1e-6
+    )
+
+
+def test_linen_dense_called_with_keyword_inputs(key):
+    class Keyword(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(24, bias_init=nn.initializers.normal(1.0), name="proj")(inputs=x)
+
+    model = Keyword()
+    x = batches(key, 1, (5, 32))[0]
+    variables = model.init(jax.random.key(1), x)
+    fp8_model, fp8_variables, report = convert.quantize_linen(model, variables, [convert.QuantizationRule()], [x])
+    assert [row.path for row in report.layers] == ["proj"]
+    p = variables["params"]["proj"]
+    w_codes, w_scale = reference.quant_dynamic_per_token(np.asarray(p["kernel"]).T)
+    x_codes, x_scale = reference.quant_dynamic_per_token(np.asarray(x))
+    ref = reference.scaled_mm(x_codes, w_codes, x_scale, w_scale, np.asarray(p["bias"]))
+    reference.assert_gemm_close(fp8_model.apply(fp8_variables, x), ref, 32, jnp.float32)
+
+
+# (input dtype, float layer param_dtype, float layer dtype): the converted layer returns what the
+# float layer returned, `dtype` if set, else `result_type(input, param_dtype)`.
+DTYPE_CASES = [
+    (jnp.bfloat16, jnp.float32, None),
+    (jnp.float32, jnp.bfloat16, None),
+    (jnp.bfloat16, jnp.bfloat16, None),
+    (jnp.float32, jnp.float32, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("input_dtype,param_dtype,dtype", DTYPE_CASES)
+def test_nnx_converted_layer_keeps_the_float_output_dtype(key, input_dtype, param_dtype, dtype):
+    k_x, k_bias = jax.random.split(key)
+    model = nnx.Dict(
+        proj=nnx.Linear(
+            32, 24, dtype=dtype, param_dtype=param_dtype, bias_init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(3)
+        )
+    )
+    x = jax.random.normal(k_x, (5, 32), input_dtype)
+    float_dtype = model["proj"](x).dtype
+    kernel, bias = np.asarray(model["proj"].kernel[...], np.float32), np.asarray(model["proj"].bias[...])
+    convert.quantize_nnx(model, [convert.QuantizationRule()])
+    out = model["proj"](x)
+    assert out.dtype == float_dtype == (dtype or jnp.result_type(input_dtype, param_dtype))
+    w_codes, w_scale = reference.quant_dynamic_per_token(kernel.T)
+    x_codes, x_scale = reference.quant_dynamic_per_token(np.asarray(x, np.float32))
+    ref = reference.scaled_mm(x_codes, w_codes, x_scale, w_scale, bias)
+    reference.assert_gemm_close(out, ref, 32, out.dtype)
+
+
+@pytest.mark.parametrize("input_dtype,param_dtype,dtype", DTYPE_CASES)
+def test_linen_converted_layer_keeps_the_float_output_dtype(key, input_dtype, param_dtype, dtype):
+    model = nn.Dense(24, dtype=dtype, param_dtype=param_dtype, bias_init=nn.initializers.normal(1.0))
+    x = jax.random.normal(key, (5, 32), input_dtype)
+    variables = model.init(jax.random.key(4), x)
+    float_dtype = model.apply(variables, x).dtype
+    fp8_model, fp8_variables, _ = convert.quantize_linen(model, variables, [convert.QuantizationRule()], [x])
+    out = fp8_model.apply(fp8_variables, x)
+    assert out.dtype == float_dtype == (dtype or jnp.result_type(input_dtype, param_dtype))
+    p = variables["params"]
+    w_codes, w_scale = reference.quant_dynamic_per_token(np.asarray(p["kernel"], np.float32).T)
+    x_codes, x_scale = reference.quant_dynamic_per_token(np.asarray(x, np.float32))
+    ref = reference.scaled_mm(x_codes, w_codes, x_scale, w_scale, np.asarray(p["bias"]))
+    reference.assert_gemm_close(out, ref, 32, out.dtype)
+
+
+def test_fuse_mixed_per_tensor_and_per_channel_shards(key):
+    """Per-channel fusion of shards stored with per-tensor and per-channel scales: one scale per row."""
+    widths = (16, 8, 12)
+    keys = jax.random.split(key, len(widths))
+    shards = []
+    for i, (k_shard, rows) in enumerate(zip(keys, widths)):
+        weight = np.asarray(jax.random.normal(k_shard, (rows, 24), jnp.float32)) * (i + 1)
+        shards.append(
+            reference.quant_dynamic_per_tensor(weight) if i != 1 else reference.quant_dynamic_per_token(weight)
+        )
+    weight, weight_scale = dense.fuse_fp8_shards([(jnp.asarray(c), jnp.asarray(s)) for c, s in shards], "per_channel")
+    expected_scale = np.concatenate(
+        [np.broadcast_to(s.reshape(-1, 1), (rows, 1)) for (_, s), rows in zip(shards, widths)]
+    )
+    np.testing.assert_array_equal(np.asarray(weight_scale), expected_scale)
+    codes = np.concatenate([c for c, _ in shards])
+    np.testing.assert_array_equal(np.asarray(weight).view(np.uint8), codes.view(np.uint8))  # codes unchanged
+    bad = [shards[0], (shards[1][0], shards[1][1][:5])]
+    with pytest.raises(ValueError, match=r"shard 1: weight_scale of shape \(5, 1\)"):
+        dense.fuse_fp8_shards([(jnp.asarray(c), jnp.asarray(s)) for c, s in bad], "per_channel")

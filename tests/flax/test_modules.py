@@ -83,8 +83,8 @@ def test_scale_ub_and_out_dtype(key, out_dtype):
     reference.assert_gemm_close(out.reshape(-1, n), ref.reshape(-1, n), k, out_dtype)
 
 
-def test_linen_and_nnx_agree_on_random_init(key):
-    """Both families draw the float kernel with the same initializer and quantize it the same way."""
+def test_linen_init_params_run_unchanged_in_nnx(key):
+    """A linen `Fp8Dense`'s randomly initialized parameters, wrapped by nnx's `from_fp8`, give the same output."""
     x = jax.random.normal(key, (4, 32), jnp.float32)
     variables = fp8_linen.Fp8Dense(16, activation_scheme="dynamic_per_tensor").init(jax.random.key(3), x)
     params = variables["params"]

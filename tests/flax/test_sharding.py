@@ -89,3 +89,17 @@ def test_param_specs_shard_scales_with_their_axis(mesh, key):
     assert placed["input_scale"].sharding.spec == PartitionSpec()
     row = sharding.param_specs(sharding.shard_params(layer, mesh, "tp", "row"), "tp", "row")
     assert row["weight"] == PartitionSpec(None, "tp") and row["weight_scale"] == PartitionSpec()
+
+
+def test_column_parallel_takes_a_one_dimensional_per_channel_scale(key, mesh):
+    """A per-channel `weight_scale (N,)` (as some checkpoints store it) is split on N like `(N, 1)`."""
+    layer, x = make_layer(key, "per_channel", "dynamic_per_token")
+    params = {name: getattr(layer, name)[...] for name in ("weight", "weight_scale", "bias")}
+    params["weight_scale"] = params["weight_scale"].reshape(-1)
+    assert sharding.param_specs(params, "tp", "column")["weight_scale"] == PartitionSpec("tp")
+    sharded = jax.jit(lambda x: sharding.column_parallel(x, params, mesh=mesh, axis_name="tp", scheme=layer.scheme))(x)
+    w_codes = np.asarray(params["weight"])
+    x_codes, x_scale = reference.quant_dynamic_per_token(np.asarray(x).reshape(-1, 128))
+    ref = reference.scaled_mm(x_codes, w_codes, x_scale, np.asarray(params["weight_scale"]), np.asarray(params["bias"]))
+    # Same codes as the reference: float32 accumulation of K=128 terms and output rounding only.
+    reference.assert_gemm_close(np.asarray(sharded).reshape(-1, 64), ref, 128, jnp.float32)

@@ -192,7 +192,10 @@ def _report(args: argparse.Namespace) -> None:
     fp8_ckpt = checkpoint.SafetensorsCheckpoint(args.fp8_checkpoint)
     config = checkpoint.read_quantization_config(fp8_ckpt)
     inputs = _sample_inputs(args.inputs)
-    with _progress(len(checkpoint.fp8_layer_prefixes(fp8_ckpt)), "report", args.no_progress) as bar:
+    prefixes = checkpoint.fp8_layer_prefixes(fp8_ckpt)
+    if not prefixes:
+        raise ValueError(f"{args.fp8_checkpoint} holds no fp8 layers to report on")
+    with _progress(len(prefixes), "report", args.no_progress) as bar:
         reports = checkpoint.compare_checkpoints(
             float_ckpt, fp8_ckpt, inputs, config=config, on_layer=lambda _: bar.update()
         )

@@ -156,3 +156,23 @@ def test_python_dash_m(tmp_path, float_checkpoint):
         result.returncode == 1
         and result.stderr.strip() == f"w8a8-jax inspect: error: no checkpoint at {tmp_path / 'nope'}"
     )
+
+
+def test_report_on_a_checkpoint_without_fp8_layers(tmp_path, capsys, float_checkpoint):
+    path, tensors = float_checkpoint
+    quant_config = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    no_fp8 = write_vllm_checkpoint(tmp_path / "no_fp8", {"lm_head.weight": tensors["lm_head.weight"]}, quant_config)
+    code, out, err = run(capsys, "report", str(path), str(no_fp8), "--no-progress")
+    assert code == 1 and out == ""
+    assert err.strip() == f"w8a8-jax report: error: {no_fp8} holds no fp8 layers to report on"
+
+
+def test_report_inputs_with_the_wrong_features_name_the_layer(tmp_path, rng, capsys, float_checkpoint):
+    path, _ = float_checkpoint
+    assert main(["quantize", str(path), str(tmp_path / "fp8"), "--no-progress"]) == 0
+    capsys.readouterr()
+    save_file({"model.layers.0.down_proj": random_float(rng, (5, 33))}, str(tmp_path / "inputs.safetensors"))
+    code, _, err = run(capsys, "report", str(path), str(tmp_path / "fp8"), "--inputs", str(tmp_path / "inputs.safetensors"), "--no-progress")  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1
+    assert "inputs for 'model.layers.0.down_proj' have shape (5, 33)" in lines[0] and "needs (..., 80)" in lines[0]

@@ -195,6 +195,7 @@ ERRORS = [
     ("proj.bias", lambda t: t[:-1], "static", r"proj.bias must be a float \(48,\)"),
     ("proj.weight", lambda t: t.reshape(-1), "static", r"proj.weight must be \(N, K\)"),
     ("proj.input_scale", lambda t: t, "dynamic_per_tensor", r"proj.input_scale is present"),
+    ("mlp.up.bias", None, "static", r"missing tensor 'mlp.up.bias': the module at 'mlp/up' has a bias"),
 ]
 
 
@@ -243,3 +244,64 @@ def test_not_an_fp8_checkpoint(tmp_path, rng):
     (tmp_path / "float" / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq"}}))
     with pytest.raises(ValueError, match="'awq'"):
         checkpoint.load_nnx(Tiny(nnx.Rngs(0)), tmp_path / "float")
+
+
+def test_bias_the_module_lacks_is_an_error_and_loads_nothing(tmp_path, rng):
+    path, _ = tiny_checkpoint(tmp_path, rng, "per_channel", "dynamic_per_token")
+    model = nnx.Dict(proj=nnx.Linear(K, N, use_bias=False, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"unexpected tensor 'proj.bias': the module at 'proj' has no bias"):
+        checkpoint.load_nnx(model, path, {"proj": "proj"})
+    assert isinstance(model["proj"], nnx.Linear)
+
+
+@pytest.mark.parametrize("module_bias", [True, False])
+def test_linen_bias_must_match_the_checkpoint(tmp_path, rng, module_bias):
+    _, tensors = tiny_checkpoint(tmp_path, rng, "per_tensor", "static")
+    if module_bias:  # the module has a bias the checkpoint lacks
+        tensors = corrupt(tensors, "proj.bias", None)
+    path = write_vllm_checkpoint(tmp_path / "bad", tensors, CONFIGS["per_tensor", "static"])
+
+    class Proj(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(N, use_bias=module_bias, name="proj")(x)
+
+    x = random_float(rng, (3, K))
+    variables = Proj().init(jax.random.key(0), x)
+    match = (
+        r"missing tensor 'proj.bias': the module at 'proj' has a bias"
+        if module_bias
+        else r"unexpected tensor 'proj.bias': the module at 'proj' has no bias"
+    )
+    with pytest.raises(ValueError, match=match):
+        checkpoint.load_linen(Proj(), variables, path)
+
+
+@pytest.mark.parametrize("missing", [("k",), ("q", "k", "v")])
+def test_fused_shard_without_bias_is_named(tmp_path, rng, missing):
+    """Every shard of a fused layer is checked: one shard without a bias, or all of them."""
+    tensors = {}
+    for name, width in zip("qkv", (32, 16, 16)):
+        tensors.update(vllm_layer(rng, f"attn.{name}_proj", width, K, "per_channel", False))
+    for name in missing:
+        del tensors[f"attn.{name}_proj.bias"]
+    path = write_vllm_checkpoint(tmp_path / "ckpt", tensors, CONFIGS["per_channel", "dynamic_per_token"])
+    model = nnx.Dict(qkv_proj=nnx.Linear(K, 64, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=rf"missing tensor 'attn.{missing[0]}_proj.bias'"):
+        checkpoint.load_nnx(model, path, {"qkv_proj": [f"attn.{s}_proj" for s in "qkv"]})
+    assert isinstance(model["qkv_proj"], nnx.Linear)
+
+
+@pytest.mark.parametrize("input_dtype", [jnp.bfloat16, jnp.float32])
+def test_loaded_layers_keep_the_float_output_dtype(tmp_path, rng, input_dtype):
+    """A float32 `nnx.Linear` returns float32 for bf16 inputs (and a bf16 checkpoint bias): so does its fp8 layer."""
+    path, tensors = tiny_checkpoint(tmp_path, rng, "per_channel", "dynamic_per_token")
+    model = Tiny(nnx.Rngs(0))
+    x = jnp.asarray(random_float(rng, (4, K)), input_dtype)
+    float_dtype = model.proj(x).dtype
+    checkpoint.load_nnx(model, path)
+    out = model.proj(x)
+    assert out.dtype == float_dtype == jnp.float32
+    reference.assert_gemm_close(
+        out, reference_layer(np.asarray(x, np.float32), tensors, "proj", "dynamic_per_token"), K, jnp.float32
+    )

@@ -20,7 +20,7 @@ from flax import nnx
 from w8a8_jax import convert, dense, dtypes, weight_utils
 from w8a8_jax import nnx as fp8_nnx
 from w8a8_jax.checkpoint.config import QuantizationConfig
-from w8a8_jax.checkpoint.layers import read_fp8_layer, read_quantization_config
+from w8a8_jax.checkpoint.layers import Fp8LayerTensors, read_fp8_layer, read_quantization_config
 from w8a8_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
 
 NameMap = Mapping[str, str | Sequence[str]]
@@ -37,7 +37,32 @@ def fused_params(
     checkpoint: SafetensorsCheckpoint, prefixes: Sequence[str], config: QuantizationConfig, fp8_dtype=None
 ) -> dict[str, jax.Array]:
     """The `Fp8Dense` parameters of one layer stored under `prefixes` (one, or a fused layer's shards)."""
+    return _fuse([read_fp8_layer(checkpoint, prefix, config) for prefix in prefixes], config, fp8_dtype)
+
+
+def _module_params(
+    checkpoint: SafetensorsCheckpoint,
+    prefixes: Sequence[str],
+    config: QuantizationConfig,
+    fp8_dtype,
+    *,
+    path: str,
+    has_bias: bool,
+) -> dict[str, jax.Array]:
+    """`fused_params` for the module at `path`: every shard must have a bias exactly if the module has one."""
     layers = [read_fp8_layer(checkpoint, prefix, config) for prefix in prefixes]
+    for layer in layers:
+        bias_name = f"{layer.prefix}.bias"
+        if has_bias and layer.bias is None:
+            raise ValueError(f"missing tensor {bias_name!r}: the module at {path!r} has a bias")
+        if not has_bias and layer.bias is not None:
+            raise ValueError(f"unexpected tensor {bias_name!r}: the module at {path!r} has no bias")
+    return _fuse(layers, config, fp8_dtype)
+
+
+def _fuse(layers: Sequence[Fp8LayerTensors], config: QuantizationConfig, fp8_dtype) -> dict[str, jax.Array]:
+    """One layer's `Fp8Dense` parameters from its shards' validated tensors (one shard: unchanged)."""
+    prefixes = [layer.prefix for layer in layers]
     widths = {layer.weight.shape[1] for layer in layers}
     if len(widths) != 1:
         raise ValueError(f"fused shards {list(prefixes)} have different K: {[layer.weight.shape for layer in layers]}")
@@ -78,7 +103,8 @@ def load_nnx(
 ) -> list[str]:
     """Puts a checkpoint's fp8 layers into `model` in place: each `nnx.Linear` or `Fp8Dense` at a
     path in `names` (all of them when `names` is None) becomes an `Fp8Dense` holding the
-    checkpoint's tensors; its output dtype is kept.
+    checkpoint's tensors; its output dtype is kept. The checkpoint must hold a bias for every
+    shard of a layer exactly when the module has one.
 
     Every layer is read and checked before the model is touched, so an error leaves `model` as it
     was. Returns the replaced paths.
@@ -97,7 +123,9 @@ def load_nnx(
             raise ValueError(f"no nnx.Linear or Fp8Dense at module paths {unknown}")
     layers = {}
     for path, _, node in targets:
-        params = fused_params(checkpoint, _prefixes(names, path), config, fp8_dtype)
+        params = _module_params(
+            checkpoint, _prefixes(names, path), config, fp8_dtype, path=path, has_bias=node.bias is not None
+        )
         out_features, in_features = params["weight"].shape
         expected = (node.in_features, node.out_features)
         if (in_features, out_features) != expected:
@@ -105,7 +133,7 @@ def load_nnx(
                 f"{path}: checkpoint {_prefixes(names, path)} holds (K, N) = {(in_features, out_features)}, "
                 f"the module has {expected}"
             )
-        layers[path] = fp8_nnx.Fp8Dense.from_fp8(params, scheme=config.scheme, dtype=node.dtype)
+        layers[path] = fp8_nnx._stand_in(params, scheme=config.scheme, layer=node)
     for path, path_keys, _ in targets:
         parent = model
         for key in path_keys[:-1]:
@@ -135,7 +163,9 @@ def load_linen(
     """A linen model's float variables with its `nn.Dense` layers' params replaced from a checkpoint.
 
     Each `nn.Dense` params entry (`{"kernel", "bias"}`) at a path in `names` (default: every entry
-    with a "kernel") becomes `{"weight", "weight_scale", "input_scale"?, "bias"?}`. Returns
+    with a "kernel") becomes `{"weight", "weight_scale", "input_scale"?, "bias"?}`; the checkpoint
+    must hold a bias for every shard exactly when the entry has one. Every layer is read and checked
+    before anything is returned. Returns
     `(fp8_model, fp8_variables)`; run with `fp8_model.apply(fp8_variables, ...)`. `variables` is not
     modified.
     """
@@ -150,7 +180,7 @@ def load_linen(
     new_params = params
     for path in selected:
         layer = convert._tree_get(params, paths[path])
-        fp8 = fused_params(checkpoint, _prefixes(names, path), config, fp8_dtype)
+        fp8 = _module_params(checkpoint, _prefixes(names, path), config, fp8_dtype, path=path, has_bias="bias" in layer)
         if "kernel" in layer and tuple(layer["kernel"].shape) != tuple(fp8["weight"].shape[::-1]):
             raise ValueError(
                 f"{path}: checkpoint {_prefixes(names, path)} holds (K, N) = {tuple(fp8['weight'].shape[::-1])}, "

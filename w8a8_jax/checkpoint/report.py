@@ -77,7 +77,12 @@ def compare_checkpoints(
         approx = dequantize(layer)
         output_sqnr = output_error = None
         if inputs is not None and prefix in inputs:
-            x = np.asarray(inputs[prefix], np.float32).reshape(-1, weight.shape[1])
+            x = np.asarray(inputs[prefix], np.float32)
+            if x.ndim == 0 or x.shape[-1] != weight.shape[1]:
+                raise ValueError(
+                    f"inputs for {prefix!r} have shape {x.shape}; {name} {weight.shape} needs (..., {weight.shape[1]})"
+                )
+            x = x.reshape(-1, weight.shape[1])
             bias_name = f"{prefix}.bias"
             bias = np.asarray(float_checkpoint.tensor(bias_name), np.float32) if bias_name in float_checkpoint else 0.0
             y_float = x @ weight.T + bias

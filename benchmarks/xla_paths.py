@@ -92,6 +92,15 @@ def jax_variants(m, k, n, key):
             lambda q, sa, w, sb: w8a8_jax.xla_per_tensor_w8a8_scaled_mm(q, w, sa, sb, None, bf16),
             [((qxs[i], sa_t), (qws[i], sb_t)) for i in range(COPIES)],
         ),
+        # The candidate single-rounding per-tensor path: XLA's dequantize-in-float32 pattern, which
+        # its GEMM rewriter turns into one cuBLASLt fp8 call with the scales inside and bf16 out
+        # (DESIGN §8; a bf16 dequantization is not rewritten).
+        "per_tensor_dequant_pattern": (
+            lambda q, sa, w, sb: jax.lax.dot_general(
+                q.astype(jnp.float32) * sa, w.astype(jnp.float32) * sb, contract, preferred_element_type=jnp.float32
+            ).astype(bf16),
+            [((qxs[i], sa_t), (qws[i], sb_t)) for i in range(COPIES)],
+        ),
         # The alternative per-tensor epilogue: the GEMM rounded to bf16 first, then the scalar scale.
         "per_tensor_bf16_acc": (
             lambda q, sa, w, sb: (jax.lax.dot_general(q, w, contract, preferred_element_type=bf16) * (sa * sb)).astype(
@@ -222,6 +231,7 @@ def markdown_table(rows) -> str:
         "N",
         "XLA bf16",
         "per-tensor",
+        "per-tensor dequant pattern",
         "per-tensor bf16-acc",
         "per-token",
         "channelwise",
@@ -242,6 +252,7 @@ def markdown_table(rows) -> str:
                 for name in [
                     "xla_bf16",
                     "per_tensor",
+                    "per_tensor_dequant_pattern",
                     "per_tensor_bf16_acc",
                     "per_token",
                     "channelwise",

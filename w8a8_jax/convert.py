@@ -181,6 +181,15 @@ def _layer_report(path: str, scheme: dense.Fp8Scheme, input_scale, stats: dict) 
     )
 
 
+def _params_maker(path: str, rule: QuantizationRule, amax: dict, fp8_dtype):
+    """The layer's scheme and `kernel, bias -> fp8 params` for it, with its calibrated input scale."""
+    scheme = rule.scheme
+    input_scale = _static_input_scale(path, amax.get(path), fp8_dtype) if scheme.is_static else None
+    return scheme, functools.partial(
+        dense.fp8_params, scheme=scheme, input_scale=input_scale, fp8_dtype=fp8_dtype, shard_widths=rule.shard_widths
+    )
+
+
 def _static_input_scale(path: str, stats: dict | None, fp8_dtype) -> jax.Array:
     """The calibrated `input_scale (1,)` of static layer `path` from its merged stats."""
     if stats is None:
@@ -298,17 +307,9 @@ def quantize_nnx(
     amax = _run_observed(model, observed, {}, batches, forward, fp8_dtype) if batches else {}
     fp8_layers = {}
     for path, _, _, linear, rule in targets:
-        scheme = rule.scheme
-        input_scale = _static_input_scale(path, amax.get(path), fp8_dtype) if scheme.is_static else None
+        scheme, to_params = _params_maker(path, rule, amax, fp8_dtype)
         kernel = linear.kernel[...]
         bias = None if linear.bias is None else linear.bias[...]
-        to_params = functools.partial(
-            dense.fp8_params,
-            scheme=scheme,
-            input_scale=input_scale,
-            fp8_dtype=fp8_dtype,
-            shard_widths=rule.shard_widths,
-        )
         for _ in range(kernel.ndim - 2):  # layers stacked by nnx.scan/vmap: quantize each slice
             to_params = jax.vmap(to_params)
         fp8_layers[path] = fp8_nnx._stand_in(to_params(kernel, bias), scheme=scheme, layer=linear)
@@ -486,16 +487,8 @@ def quantize_linen(
     fp8_params = {}
     new_params = params
     for path, (keys, rule, _) in targets.items():
-        scheme = rule.scheme
-        input_scale = _static_input_scale(path, amax.get(path), fp8_dtype) if scheme.is_static else None
+        scheme, to_params = _params_maker(path, rule, amax, fp8_dtype)
         float_layer = _tree_get(params, keys)
-        to_params = functools.partial(
-            dense.fp8_params,
-            scheme=scheme,
-            input_scale=input_scale,
-            fp8_dtype=fp8_dtype,
-            shard_widths=rule.shard_widths,
-        )
         for _ in range(float_layer["kernel"].ndim - 2):
             to_params = jax.vmap(to_params)
         fp8_params[path] = to_params(float_layer["kernel"], float_layer.get("bias"))

@@ -5,7 +5,7 @@ time of our kernel (rowwise and per-tensor scales), the XLA per-tensor and rowwi
 `torch._scaled_mm` per-tensor and rowwise; then per-token quant (ours, XLA, a plain copy) in
 bytes/s. Prints a short table last; full numbers go to `$OUT/gpu_kernels.json` (or `--json`).
 
-  python benchmarks/gpu_kernels.py [--quick] [--json PATH]
+  python benchmarks/gpu_kernels.py [--quick] [--explore] [--ms M ...] [--kn K N ...] [--json PATH]
 
 Timing: every timed call gets distinct activations (a jitted loop over R pre-made inputs returns
 all R outputs, so XLA can neither merge nor drop calls; torch loops over the same R inputs), one
@@ -152,16 +152,37 @@ GEMM_VARIANTS = {
     "ours_rowwise": None,
 }
 EXPLORE = {
-    "promote_128x128_m": tbs.GemmConfig(tile_m=64, tile_n=128, wg_split="m"),
-    "promote_64x256_n": tbs.GemmConfig(tile_m=64, tile_n=128, wg_split="n"),
-    "promote_128x128_w8": tbs.GemmConfig(tile_m=64, tile_n=128, wg_split="m", grid_tile_width=8),
+    "promote_128x128": tbs.GemmConfig(),
+    "nopromote_128x128": tbs.GemmConfig(promote=False),
     "nopromote_128x256_n": tbs.GemmConfig(tile_m=128, tile_n=128, wg_split="n", promote=False),
+    "promote_persistent": tbs.GemmConfig(persistent_pipeline=True),
+    "promote_overlap_k256": tbs.GemmConfig(tile_k=256, overlap_promotion=True),
+    "promote_overlap_k256_persistent": tbs.GemmConfig(tile_k=256, overlap_promotion=True, persistent_pipeline=True),
+    "promote_every256": tbs.GemmConfig(tile_k=256),
     "dec_128_s6_u2": tbs.DecodeConfig(tile_n=128, stages=6, min_units_per_sm=2),
-    "dec_128_s8_u1": tbs.DecodeConfig(tile_n=128, stages=8, min_units_per_sm=1),
-    "dec_256_s4_u1": tbs.DecodeConfig(tile_n=256, stages=4, min_units_per_sm=1),
-    "dec_64_s8_u4": tbs.DecodeConfig(tile_n=64, stages=8, min_units_per_sm=4),
-    "dec_128_s6_u2_nopromote": tbs.DecodeConfig(tile_n=128, stages=6, min_units_per_sm=2, promote=False),
 }
+
+
+def check_configs(results):
+    """Error of each explored large-M config at long K (promotion's reason to exist)."""
+    key = jax.random.key(4)
+    m, k, n = 256, 14336, 512
+    ka, kb, ks, kt = jax.random.split(key, 4)
+    a, b = _fp8(ka, (m, k)), _fp8(kb, (n, k))
+    sa = jax.random.uniform(ks, (m, 1), jnp.float32, 0.01, 0.1)
+    sb = jax.random.uniform(kt, (n, 1), jnp.float32, 0.01, 0.1)
+    ref = reference.scaled_mm(a, b, sa, sb, None)
+    for name, config in EXPLORE.items():
+        if isinstance(config, tbs.DecodeConfig):
+            continue
+        try:
+            out = gpu_mm.scaled_mm(a, b, sa, sb, None, jnp.float32, config=config)
+            err = float(np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max())
+        except Exception as e:  # a failing variant is reported, not fatal
+            err = None
+            print(f"config {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        results.append(dict(kind="config_error", config=name, m=m, k=k, n=n, err=err))
+        print(f"config {name} error at K={k}: {err}", flush=True)
 
 
 def bench_gemm(results, m_values, kn_values, reps, explore=False):
@@ -245,6 +266,10 @@ def bench_quant(results, shapes, reps):
         }
         if gpu_quant is not None:
             variants["ours"] = lambda x: gpu_quant.per_token_quant(x, None, jnp.float8_e4m3fn)
+            for rows in (2, 4):
+                variants[f"ours_r{rows}"] = (
+                    lambda r: lambda x: gpu_quant.per_token_quant(x, None, jnp.float8_e4m3fn, rows_per_block=r)
+                )(rows)
         for name, fn in variants.items():
             try:
                 row[name] = time_jax(fn, xs, reps)
@@ -252,9 +277,8 @@ def bench_quant(results, shapes, reps):
                 row[name] = None
                 print(f"quant {name} {m}x{k} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
         row["TBps"] = {
-            "ours": nbytes / row["ours"] / 1e12 if row.get("ours") else None,
-            "xla": nbytes / row["xla"] / 1e12 if row["xla"] else None,
-            "copy": 4 * m * k / row["copy"] / 1e12 if row["copy"] else None,
+            name: (4 * m * k if name == "copy" else nbytes) / row[name] / 1e12 if row.get(name) else None
+            for name in variants
         }
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -290,9 +314,7 @@ def print_table(results):
     for r in results:
         if r["kind"] == "quant":
             t = r["TBps"]
-            cells = " ".join(
-                f"{name} {t[name]:6.2f}" if t[name] else f"{name}    nan" for name in ("ours", "xla", "copy")
-            )
+            cells = " ".join(f"{name} {v:6.2f}" if v else f"{name}    nan" for name, v in t.items())
             print(f"{r['m']:>5} x {r['k']:>6}: {cells}")
     checks = [r for r in results if r["kind"].endswith("_check")]
     print(f"\nchecks: {sum(bool(r.get('ok', r.get('identical'))) for r in checks)}/{len(checks)} passed")
@@ -304,17 +326,22 @@ def main():
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--skip-quant", action="store_true")
     parser.add_argument("--explore", action="store_true", help="also time candidate configs")
+    parser.add_argument("--ms", type=int, nargs="+", help="M values (default: the full list)")
+    parser.add_argument("--kn", type=int, nargs=2, action="append", help="a (K, N) pair; repeatable")
+    parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_kernels.json"))
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     results = []
-    check_gemm(results)
-    if not args.skip_quant and gpu_quant is not None:
-        check_quant(results)
-    if args.quick:
-        bench_gemm(results, (1, 16, 4096), ((4096, 28672), (8192, 8192)), args.reps, args.explore)
-    else:
-        bench_gemm(results, M_VALUES, KN, args.reps, args.explore)
+    if not args.skip_checks:
+        check_gemm(results)
+        if not args.skip_quant and gpu_quant is not None:
+            check_quant(results)
+        if args.explore:
+            check_configs(results)
+    ms = args.ms or ((1, 16, 4096) if args.quick else M_VALUES)
+    kns = [tuple(kn) for kn in args.kn] if args.kn else (((4096, 28672), (8192, 8192)) if args.quick else KN)
+    bench_gemm(results, ms, kns, args.reps, args.explore)
     if not args.skip_quant:
         bench_quant(results, ((1024, 4096), (4096, 4096), (8192, 8192), (4096, 14336)), args.reps)
     with open(args.json, "w") as f:

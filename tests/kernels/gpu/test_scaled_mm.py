@@ -80,6 +80,27 @@ def test_interpret_without_promotion_and_wide_n(key):
     check(key, 100, 384, 512, "rowwise", True, jnp.bfloat16, interpret=True, config=config)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        tbs.GemmConfig(persistent_pipeline=True, stages=2),
+        tbs.GemmConfig(tile_k=256, overlap_promotion=True, persistent_pipeline=True, stages=2),
+    ],
+    ids=["persistent", "overlap_persistent"],
+)
+def test_interpret_pipeline_variants(key, config):
+    # 3 x 2 output tiles over 2 SMs: each SM's pipeline starts, runs steady and stops.
+    check(key, 300, 1024, 256, "rowwise", True, jnp.bfloat16, interpret=True, config=config)
+
+
+def test_fit_stages_persistent_pipeline():
+    config = tbs.GemmConfig(persistent_pipeline=True, stages=4)
+    assert tbs.fit_stages(config, 2, k=128 * 12).stages == 4
+    assert tbs.fit_stages(config, 2, k=128 * 9).stages == 3
+    off = tbs.fit_stages(config, 2, k=128 * 7)
+    assert not off.persistent_pipeline and off.stages == 4
+
+
 def test_interpret_decode_splits_k(key):
     # Several K splits summed outside the kernel.
     config = tbs.DecodeConfig(tile_n=128, stages=2, min_units_per_sm=8)

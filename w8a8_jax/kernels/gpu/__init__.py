@@ -10,6 +10,7 @@ from w8a8_jax import platform
 from w8a8_jax import scaled_mm as xla_paths
 from w8a8_jax.kernels.gpu import scaled_mm as _scaled_mm
 from w8a8_jax.kernels.gpu import tuned_block_sizes
+from w8a8_jax.kernels.gpu.quant import per_token_quant
 
 
 def supports_device(device: jax.Device) -> bool:
@@ -34,5 +35,6 @@ platform.register_fused_kernel(
         scaled_mm=_fused_scaled_mm,
         supports_device=supports_device,
         supports_shape=_scaled_mm.supports_shape,
+        per_token_quant=per_token_quant,
     ),
 )

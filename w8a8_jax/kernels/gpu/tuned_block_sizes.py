@@ -37,6 +37,10 @@ class GemmConfig:
       promote: add each k-block's `wgmma` result into a separate float32 register total (fp8
         `wgmma` accumulates with reduced precision). Costs a second accumulator's registers, so
         tile_m * tile_n <= 64 * 128 with it on.
+      overlap_promotion: run each k-block as two halves into two accumulators and add the first
+        while the second's `wgmma` runs (promotion every tile_k / 2; tile_k 256 keeps 128).
+      persistent_pipeline: one TMA pipeline across all of an SM's tiles (no refill bubble per
+        tile); needs k-blocks a multiple of the stages.
     """
 
     tile_m: int = 64
@@ -49,6 +53,8 @@ class GemmConfig:
     epi_tile_m: int = 64
     epi_tile_n: int = 64
     promote: bool = True
+    overlap_promotion: bool = False
+    persistent_pipeline: bool = False
 
     @property
     def cta_m(self) -> int:
@@ -94,12 +100,20 @@ def _smem_bytes(config: GemmConfig, out_itemsize: int, stages: int) -> int:
     return ring + epilogue + vectors + SMEM_SLACK
 
 
-def fit_stages(config: GemmConfig, out_itemsize: int) -> GemmConfig:
-    """The config with as many ring stages (<= config.stages, >= 2) as fit in shared memory."""
+def fit_stages(config: GemmConfig, out_itemsize: int, k: int) -> GemmConfig:
+    """The config with as many ring stages (<= config.stages, >= 2) as fit in shared memory; a
+    persistent pipeline also needs the k-blocks (k / tile_k) to be a multiple of the stages, else
+    it is turned off."""
     stages = config.stages
     while stages > 2 and _smem_bytes(config, out_itemsize, stages) > SMEM_BYTES:
         stages -= 1
-    return dataclasses.replace(config, stages=stages)
+    persistent = config.persistent_pipeline
+    if persistent:
+        k_blocks = k // config.tile_k
+        fitting = [s for s in range(stages, 1, -1) if k_blocks % s == 0]
+        persistent = bool(fitting)
+        stages = fitting[0] if fitting else stages
+    return dataclasses.replace(config, stages=stages, persistent_pipeline=persistent)
 
 
 def gemm_config(device_kind: str, m: int, k: int, n: int, out_itemsize: int) -> GemmConfig:
@@ -109,7 +123,7 @@ def gemm_config(device_kind: str, m: int, k: int, n: int, out_itemsize: int) -> 
     if n % config.cta_n:
         # N a multiple of 128 but not of the CTA tile: stack the warpgroups along M instead.
         config = dataclasses.replace(config, wg_split="m")
-    return fit_stages(config, out_itemsize)
+    return fit_stages(config, out_itemsize, k)
 
 
 def decode_config(device_kind: str, m: int, k: int, n: int) -> DecodeConfig:

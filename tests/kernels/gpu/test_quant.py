@@ -1,0 +1,114 @@
+"""The Hopper per-token quant kernel: codes and scales bit-identical to the float64 NumPy reference
+and to the XLA formula, in Mosaic GPU interpret mode on CPU and compiled on a Hopper GPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import reference
+from tests.kernels.tpu.test_quant import assert_bit_identical
+from w8a8_jax import quantization
+from w8a8_jax.kernels.gpu import quant, supports_device
+
+on_hopper = jax.devices()[0].platform == "gpu" and supports_device(jax.devices()[0])
+
+
+def check_quant(x, scale_ub=None, fp8_dtype=jnp.float8_e4m3fn, *, interpret=True, rows_per_block=1):
+    q, scale = quant.per_token_quant(x, scale_ub, fp8_dtype, interpret=interpret, rows_per_block=rows_per_block)
+    ref_q, ref_scale = reference.quant_dynamic_per_token(x, scale_ub, fp8_dtype)
+    xla_q, xla_scale = quantization.quantize_per_token(x, scale_ub, fp8_dtype)
+    assert_bit_identical(q, ref_q)
+    assert_bit_identical(scale, ref_scale)
+    assert_bit_identical(q, xla_q)
+    assert_bit_identical(scale, xla_scale)
+    return q, scale
+
+
+def spread_rows(key, m, k, dtype):
+    """Rows whose magnitudes span 6 decades, so rows hit rounding ties and the min-scale floor."""
+    ks = jax.random.split(key, 2)
+    row_scale = 10.0 ** jax.random.uniform(ks[0], (m, 1), minval=-4, maxval=2)
+    return (jax.random.normal(ks[1], (m, k)) * row_scale).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    "m, k, x_dtype, rows_per_block",
+    [
+        (17, 2048, jnp.bfloat16, 1),  # one 16-byte vector a thread
+        (9, 5120, jnp.float32, 2),  # several chunks a row; M not a multiple of the block
+        (6, 768, jnp.float16, 4),  # 2-element vectors (768 = 128 * 6)
+        (3, 12288, jnp.bfloat16, 1),  # three 4096-element chunks: amax over re-read chunks
+    ],
+)
+def test_interpret_exact(key, m, k, x_dtype, rows_per_block):
+    assert quant.supports(k, x_dtype, jnp.float8_e4m3fn)
+    check_quant(spread_rows(key, m, k, x_dtype), rows_per_block=rows_per_block)
+
+
+def test_interpret_scale_ub(key):
+    x = (jax.random.normal(key, (5, 1024)) * 8).astype(jnp.bfloat16)
+    _, scale = check_quant(x, scale_ub=jnp.array([5.0], jnp.float32))
+    assert float(scale.max()) == pytest.approx(5.0 / 448)
+
+
+def test_interpret_nan_safety():
+    """Zero, max-magnitude and tiny rows: finite codes and scales, exact."""
+    rows = np.zeros((4, 256), np.float32)
+    rows[1] = np.finfo(np.float32).max * np.sign(np.arange(256) - 127.5)
+    rows[2] = np.finfo(np.float32).tiny
+    rows[3, ::7] = -1e-30
+    q, scale = check_quant(jnp.asarray(rows))
+    assert np.isfinite(np.asarray(q, np.float32)).all() and (np.asarray(scale) > 0).all()
+    assert np.abs(np.asarray(q[1], np.float32)).max() == 448
+
+
+@pytest.mark.parametrize(
+    "k, x_dtype, fp8_dtype",
+    [(300, jnp.bfloat16, jnp.float8_e4m3fn), (1024, jnp.bfloat16, jnp.float8_e4m3fnuz)],
+)
+def test_unsupported_falls_back_to_xla(key, k, x_dtype, fp8_dtype):
+    """Rows not a multiple of 256 and e4m3fnuz run the XLA formula: same codes."""
+    assert not quant.supports(k, x_dtype, fp8_dtype)
+    check_quant(spread_rows(key, 3, k, x_dtype), fp8_dtype=fp8_dtype)
+
+
+def test_rejects_bad_input():
+    with pytest.raises(TypeError, match="x must be bfloat16, float16 or float32"):
+        quant.per_token_quant(jnp.ones((4, 256), jnp.int32), None, jnp.float8_e4m3fn, interpret=True)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        quant.per_token_quant(jnp.ones((256,)), None, jnp.float8_e4m3fn, interpret=True)
+    with pytest.raises(ValueError, match="scale_ub must have shape"):
+        quant.per_token_quant(jnp.ones((4, 256)), jnp.ones((2,)), jnp.float8_e4m3fn, interpret=True)
+    with pytest.raises(TypeError, match="fp8_dtype"):
+        quant.per_token_quant(jnp.ones((4, 256)), None, jnp.int8, interpret=True)
+
+
+@pytest.mark.skipif(not on_hopper, reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize(
+    "m, k, x_dtype, rows_per_block",
+    [
+        (1, 4096, jnp.bfloat16, 1),
+        (77, 4096, jnp.bfloat16, 2),
+        (1024, 8192, jnp.bfloat16, 1),
+        (64, 28672, jnp.bfloat16, 1),
+        (100, 1024, jnp.float32, 4),
+        (64, 2048, jnp.float16, 1),
+    ],
+)
+def test_hopper_exact(key, m, k, x_dtype, rows_per_block):
+    check_quant(spread_rows(key, m, k, x_dtype), interpret=False, rows_per_block=rows_per_block)
+
+
+@pytest.mark.skipif(not on_hopper, reason="needs a Hopper GPU (compute capability 9.x)")
+def test_hopper_scale_ub_and_dispatch(key):
+    """`scaled_fp8_quant` takes the registered kernel on Hopper; scale_ub applies."""
+    from w8a8_jax import platform
+
+    assert platform.fused_kernel().per_token_quant is quant.per_token_quant
+    x = spread_rows(key, 33, 4096, jnp.bfloat16)
+    ub = jnp.array([0.5], jnp.float32)
+    q, scale = quantization.scaled_fp8_quant(x, scale_ub=ub, use_per_token_if_dynamic=True)
+    ref_q, ref_scale = reference.quant_dynamic_per_token(x, ub, jnp.float8_e4m3fn)
+    assert_bit_identical(q, ref_q)
+    assert_bit_identical(scale, ref_scale)

@@ -7,9 +7,11 @@ bytes/s. Prints a short table last; full numbers go to `$OUT/gpu_kernels.json` (
 
   python benchmarks/gpu_kernels.py [--quick] [--explore] [--ms M ...] [--kn K N ...] [--json PATH]
 
-Timing: every timed call gets distinct activations (a jitted loop over R pre-made inputs returns
+Timing: every timed call gets distinct operands (a jitted loop over R pre-made inputs returns
 all R outputs, so XLA can neither merge nor drop calls; torch loops over the same R inputs), one
-warm-up, then the median of `--reps` timed loops, divided by R. Neither side flushes L2.
+warm-up, then the median of `--reps` timed loops, divided by R. JAX is timed by CUPTI (the GPU
+time of the kernels launched, without JAX's per-call dispatch), torch by CUDA events around its
+loop. Neither side flushes L2.
 """
 
 import argparse
@@ -17,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import reference
+from jax.experimental.mosaic.gpu import profiler
 
+import w8a8_jax
 from w8a8_jax import quantization, scaled_mm
 from w8a8_jax.kernels.gpu import scaled_mm as gpu_mm
 from w8a8_jax.kernels.gpu import tuned_block_sizes as tbs
@@ -47,15 +50,14 @@ def _fp8(key, shape):
 
 
 def time_jax(fn, inputs, reps):
-    """Median seconds per call of fn over the R distinct inputs."""
+    """Median seconds per call of fn over the R distinct inputs: the GPU time of the kernels the
+    jitted loop launches, summed (CUPTI), so JAX's per-call dispatch is not counted."""
     looped = jax.jit(lambda xs: [fn(x) for x in xs])
     jax.block_until_ready(looped(inputs))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(looped(inputs))
-        times.append((time.perf_counter() - start) / len(inputs))
-    return statistics.median(times)
+    _, times_ms = profiler.measure(looped, iterations=reps)(inputs)
+    if times_ms is None:
+        raise RuntimeError("no kernel was launched")
+    return statistics.median(times_ms) / 1e3 / len(inputs)
 
 
 def time_torch(fn, inputs, reps):
@@ -153,13 +155,13 @@ GEMM_VARIANTS = {
 }
 EXPLORE = {
     "promote_128x128": tbs.GemmConfig(),
-    "nopromote_128x128": tbs.GemmConfig(promote=False),
+    "promote_cluster_m": tbs.GemmConfig(cluster="m"),
+    "promote_cluster_n": tbs.GemmConfig(cluster="n"),
+    "promote_cluster_m_persistent": tbs.GemmConfig(cluster="m", persistent_pipeline=True),
+    "promote_cluster_m_w8": tbs.GemmConfig(cluster="m", grid_tile_width=8),
+    "promote_cluster_n_minor_m": tbs.GemmConfig(cluster="n", grid_minor="m"),
     "nopromote_128x256_n": tbs.GemmConfig(tile_m=128, tile_n=128, wg_split="n", promote=False),
-    "promote_persistent": tbs.GemmConfig(persistent_pipeline=True),
-    "promote_overlap_k256": tbs.GemmConfig(tile_k=256, overlap_promotion=True),
-    "promote_overlap_k256_persistent": tbs.GemmConfig(tile_k=256, overlap_promotion=True, persistent_pipeline=True),
-    "promote_every256": tbs.GemmConfig(tile_k=256),
-    "dec_128_s6_u2": tbs.DecodeConfig(tile_n=128, stages=6, min_units_per_sm=2),
+    "nopromote_128x256_cluster_m": tbs.GemmConfig(tile_m=128, tile_n=128, wg_split="n", promote=False, cluster="m"),
 }
 
 
@@ -284,6 +286,47 @@ def bench_quant(results, shapes, reps):
         print(json.dumps(row), flush=True)
 
 
+def bench_e2e(results, m_values, kn_values, reps):
+    """`Fp8LinearOp.apply` (bf16 in, dynamic per-token, per-channel weight) against XLA's bf16 GEMM:
+    as registered (the quant kernel, then the GEMM the routing table picks), all-XLA, and the
+    quant kernel feeding the GEMM kernel directly."""
+    key = jax.random.key(5)
+    contract = (((1,), (1,)), ((), ()))
+    fused = w8a8_jax.Fp8LinearOp(use_per_token_if_dynamic=True, pad_output=False)
+    xla = w8a8_jax.Fp8LinearOp(fused_supported=False, use_per_token_if_dynamic=True, pad_output=False)
+    for k, n in kn_values:
+        kw = jax.random.fold_in(key, k * n)
+        ws = [jax.random.normal(kk, (n, k), jnp.bfloat16) * 0.02 for kk in jax.random.split(kw, R)]
+        qws = [(w.astype(jnp.float32) * 2000).astype(jnp.float8_e4m3fn) for w in ws]
+        w_scale = jnp.full((n, 1), 5e-4, jnp.float32)
+        for m in m_values:
+            xs = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in jax.random.split(jax.random.fold_in(kw, m), R)]
+
+            def kernels(x, qw):
+                q, s = gpu_quant.per_token_quant(x, None, jnp.float8_e4m3fn)
+                return gpu_mm.scaled_mm(q, qw, s, w_scale, None, jnp.bfloat16)
+
+            variants = {
+                "xla_bf16": (
+                    lambda p: jax.lax.dot_general(p[0], p[1], contract, preferred_element_type=jnp.bfloat16),
+                    ws,
+                ),
+                "op_registered": (lambda p: fused.apply(p[0], p[1], w_scale), qws),
+                "op_xla": (lambda p: xla.apply(p[0], p[1], w_scale), qws),
+                "quant_kernel_gemm_kernel": (lambda p: kernels(*p), qws),
+            }
+            row = dict(kind="e2e", m=m, k=k, n=n)
+            for name, (fn, weights) in variants.items():
+                try:
+                    row[name] = time_jax(fn, list(zip(xs, weights)), reps)
+                except Exception as err:
+                    row[name] = None
+                    print(f"e2e {name} {m}x{k}x{n} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            row["tflops"] = {v: 2.0 * m * n * k / row[v] / 1e12 for v in variants if row.get(v)}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+
 def print_table(results):
     print("\nGEMM, bf16 out, TFLOP/s (M<=64: us), ratios ours/torch")
     print(
@@ -316,6 +359,15 @@ def print_table(results):
             t = r["TBps"]
             cells = " ".join(f"{name} {v:6.2f}" if v else f"{name}    nan" for name, v in t.items())
             print(f"{r['m']:>5} x {r['k']:>6}: {cells}")
+    print("\nFp8LinearOp.apply end to end (bf16 in, per-token), TFLOP/s, and speed-up over XLA bf16")
+    for r in results:
+        if r["kind"] == "e2e":
+            t = r["tflops"]
+            cells = " ".join(f"{name} {v:7.1f}" for name, v in t.items())
+            best = max((v for name, v in t.items() if name != "xla_bf16"), default=float("nan"))
+            print(
+                f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells} | best/bf16 {best / t.get('xla_bf16', float('nan')):.2f}"
+            )
     checks = [r for r in results if r["kind"].endswith("_check")]
     print(f"\nchecks: {sum(bool(r.get('ok', r.get('identical'))) for r in checks)}/{len(checks)} passed")
 
@@ -329,6 +381,8 @@ def main():
     parser.add_argument("--ms", type=int, nargs="+", help="M values (default: the full list)")
     parser.add_argument("--kn", type=int, nargs=2, action="append", help="a (K, N) pair; repeatable")
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--skip-gemm", action="store_true")
+    parser.add_argument("--e2e", action="store_true", help="also time Fp8LinearOp.apply against XLA bf16")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_kernels.json"))
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
@@ -341,7 +395,10 @@ def main():
             check_configs(results)
     ms = args.ms or ((1, 16, 4096) if args.quick else M_VALUES)
     kns = [tuple(kn) for kn in args.kn] if args.kn else (((4096, 28672), (8192, 8192)) if args.quick else KN)
-    bench_gemm(results, ms, kns, args.reps, args.explore)
+    if not args.skip_gemm:
+        bench_gemm(results, ms, kns, args.reps, args.explore)
+    if args.e2e:
+        bench_e2e(results, [m for m in ms if m >= 1024], kns, args.reps)
     if not args.skip_quant:
         bench_quant(results, ((1024, 4096), (4096, 4096), (8192, 8192), (4096, 14336)), args.reps)
     with open(args.json, "w") as f:

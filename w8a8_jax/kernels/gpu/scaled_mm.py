@@ -110,9 +110,13 @@ def _gemm_kernel(
     tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
     cta_m, cta_n = config.cta_m, config.cta_n
     epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
-    m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // tile_k
+    # A cluster of 2 CTAs side by side along M (N) shares each B (A) tile: TMA multicasts it.
+    cluster_m = 2 if config.cluster == "m" else 1
+    cluster_n = 2 if config.cluster == "n" else 1
+    m_iters, n_iters, k_iters = m // (cta_m * cluster_m), n // (cta_n * cluster_n), k // tile_k
     transforms = _fp8_transforms(tile_k)
     has_bias = bias_gmem is not None
+    shared = ("cluster",)
 
     def get_pipeline(body, compute_context, pipeline_state=None):
         return plgpu.emit_pipeline_warp_specialized(
@@ -120,8 +124,18 @@ def _gemm_kernel(
             grid=(k_iters,),
             memory_registers=40,
             in_specs=[
-                plgpu.BlockSpec((cta_m, tile_k), lambda ki: (0, ki), transforms=transforms),
-                plgpu.BlockSpec((cta_n, tile_k), lambda ki: (0, ki), transforms=transforms),
+                plgpu.BlockSpec(
+                    (cta_m, tile_k),
+                    lambda ki: (0, ki),
+                    transforms=transforms,
+                    collective_axes=shared if config.cluster == "n" else (),
+                ),
+                plgpu.BlockSpec(
+                    (cta_n, tile_k),
+                    lambda ki: (0, ki),
+                    transforms=transforms,
+                    collective_axes=shared if config.cluster == "m" else (),
+                ),
             ],
             wg_axis="wg",
             num_compute_wgs=2,
@@ -152,6 +166,9 @@ def _gemm_kernel(
             m_idx, n_idx = plgpu.planar_snake(
                 tile_idx, (m_iters, n_iters), 1 if config.grid_minor == "n" else 0, config.grid_tile_width
             )
+            if config.cluster is not None:
+                cta = lax.axis_index("cluster")
+                m_idx, n_idx = m_idx * cluster_m + cta * (cluster_m - 1), n_idx * cluster_n + cta * (cluster_n - 1)
             cta_m_slice = pl.ds(m_idx * cta_m, cta_m)
             cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
             if config.wg_split == "m":
@@ -304,15 +321,17 @@ def _compiler_params():
 
 
 def gemm_large_m(qinput, weight, scale_a, scale_b, bias, out_dtype, *, config: GemmConfig, interpret=False):
-    """The large-M schedule on padded operands: `qinput (Mp, K)` with Mp a multiple of config.cta_m."""
+    """The large-M schedule on padded operands: `qinput (Mp, K)` with Mp a multiple of config.cluster_m."""
     m, k = qinput.shape
     n = weight.shape[0]
     num_sms = platform.num_sms()
+    cluster = {} if config.cluster is None else dict(cluster=(2,), cluster_names=("cluster",))
     kernel = plgpu.kernel(
         functools.partial(_gemm_kernel, config=config),
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(num_sms,),
+        grid=(num_sms // (2 if cluster else 1),),
         grid_names=("sm",),
+        **cluster,
         num_threads=3,
         thread_name="wg",
         compiler_params=_compiler_params(),
@@ -420,9 +439,9 @@ def scaled_mm(
         config = tbs.gemm_config(device_kind, m, k, n, out_dtype.itemsize)
     else:
         config = tbs.fit_stages(config, out_dtype.itemsize, k)
-    if k % config.tile_k or n % config.cta_n:
-        raise ValueError(f"{k=} and {n=} must be multiples of {config.tile_k=} and {config.cta_n=}")
-    mp = _round_up(m, config.cta_m)
+    if k % config.tile_k or n % config.cluster_n:
+        raise ValueError(f"{k=} and {n=} must be multiples of {config.tile_k=} and {config.cluster_n=}")
+    mp = _round_up(m, config.cluster_m)
     out = gemm_large_m(
         _pad_rows(qinput, mp),
         weight,

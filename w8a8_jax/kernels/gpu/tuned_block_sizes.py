@@ -41,6 +41,8 @@ class GemmConfig:
         while the second's `wgmma` runs (promotion every tile_k / 2; tile_k 256 keeps 128).
       persistent_pipeline: one TMA pipeline across all of an SM's tiles (no refill bubble per
         tile); needs k-blocks a multiple of the stages.
+      cluster: None, or "m" / "n": pairs of CTAs adjacent along M (N) form a cluster and each B
+        (A) tile is loaded once from L2 and multicast to both, halving that operand's L2 traffic.
     """
 
     tile_m: int = 64
@@ -55,6 +57,7 @@ class GemmConfig:
     promote: bool = True
     overlap_promotion: bool = False
     persistent_pipeline: bool = False
+    cluster: str | None = None
 
     @property
     def cta_m(self) -> int:
@@ -63,6 +66,16 @@ class GemmConfig:
     @property
     def cta_n(self) -> int:
         return self.tile_n * (2 if self.wg_split == "n" else 1)
+
+    @property
+    def cluster_m(self) -> int:
+        """Rows of output one cluster covers (the M padding unit)."""
+        return self.cta_m * (2 if self.cluster == "m" else 1)
+
+    @property
+    def cluster_n(self) -> int:
+        """Columns of output one cluster covers (N must divide by it)."""
+        return self.cta_n * (2 if self.cluster == "n" else 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +133,9 @@ def gemm_config(device_kind: str, m: int, k: int, n: int, out_itemsize: int) -> 
     """Tuned config for the shape, else the fallback; N must divide by the CTA tile's N."""
     m_bucket = 1 << max(0, (min(m, 1024) - 1).bit_length())
     config = TUNED_GEMM.get((device_kind, m_bucket, k, n), DEFAULT_GEMM)
-    if n % config.cta_n:
-        # N a multiple of 128 but not of the CTA tile: stack the warpgroups along M instead.
-        config = dataclasses.replace(config, wg_split="m")
+    if n % config.cluster_n:
+        # N a multiple of 128 but not of the cluster's: stack the warpgroups and the cluster along M.
+        config = dataclasses.replace(config, wg_split="m", cluster=config.cluster and "m")
     return fit_stages(config, out_itemsize, k)
 
 

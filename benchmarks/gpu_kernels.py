@@ -154,14 +154,13 @@ GEMM_VARIANTS = {
     "ours_rowwise": None,
 }
 EXPLORE = {
-    "promote_128x128": tbs.GemmConfig(),
-    "promote_cluster_m": tbs.GemmConfig(cluster="m"),
-    "promote_cluster_n": tbs.GemmConfig(cluster="n"),
-    "promote_cluster_m_persistent": tbs.GemmConfig(cluster="m", persistent_pipeline=True),
-    "promote_cluster_m_w8": tbs.GemmConfig(cluster="m", grid_tile_width=8),
-    "promote_cluster_n_minor_m": tbs.GemmConfig(cluster="n", grid_minor="m"),
-    "nopromote_128x256_n": tbs.GemmConfig(tile_m=128, tile_n=128, wg_split="n", promote=False),
-    "nopromote_128x256_cluster_m": tbs.GemmConfig(tile_m=128, tile_n=128, wg_split="n", promote=False, cluster="m"),
+    "cm_persistent": tbs.GemmConfig(cluster="m", persistent_pipeline=True),
+    "cm_persistent_minor_m": tbs.GemmConfig(cluster="m", persistent_pipeline=True, grid_minor="m"),
+    "cn_persistent_minor_m": tbs.GemmConfig(cluster="n", persistent_pipeline=True, grid_minor="m"),
+    "cn_persistent": tbs.GemmConfig(cluster="n", persistent_pipeline=True),
+    "cm_persistent_w8": tbs.GemmConfig(cluster="m", persistent_pipeline=True, grid_tile_width=8),
+    "cm_persistent_w32": tbs.GemmConfig(cluster="m", persistent_pipeline=True, grid_tile_width=32),
+    "cm_persistent_epi128": tbs.GemmConfig(cluster="m", persistent_pipeline=True, epi_tile_n=128),
 }
 
 
@@ -264,6 +263,9 @@ def bench_quant(results, shapes, reps):
         row = dict(kind="quant", m=m, k=k)
         variants = {
             "xla": lambda x: quantization.quantize_per_token(x, None, jnp.float8_e4m3fn),
+            # The other two schemes, XLA-fused, for the note's "would a kernel help" question.
+            "xla_static": lambda x: quantization.scaled_fp8_quant(x, jnp.array([0.01], jnp.float32))[0],
+            "xla_dynamic_tensor": lambda x: quantization.scaled_fp8_quant(x)[0],
             "copy": lambda x: x + jnp.bfloat16(1),  # reads and writes 2 bytes an element
         }
         if gpu_quant is not None:
@@ -383,6 +385,7 @@ def main():
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-gemm", action="store_true")
     parser.add_argument("--e2e", action="store_true", help="also time Fp8LinearOp.apply against XLA bf16")
+    parser.add_argument("--e2e-ms", type=int, nargs="+", default=[4096], help="M values of the end-to-end rows")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_kernels.json"))
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
@@ -398,7 +401,7 @@ def main():
     if not args.skip_gemm:
         bench_gemm(results, ms, kns, args.reps, args.explore)
     if args.e2e:
-        bench_e2e(results, [m for m in ms if m >= 1024], kns, args.reps)
+        bench_e2e(results, args.e2e_ms, kns, args.reps)
     if not args.skip_quant:
         bench_quant(results, ((1024, 4096), (4096, 4096), (8192, 8192), (4096, 14336)), args.reps)
     with open(args.json, "w") as f:

@@ -7,7 +7,8 @@ Two schedules (see `scaled_mm.py`):
     side of `wgmma` and the few tokens its 8..64-wide side; N and K split over every SM.
 
 `TUNED_GEMM` is a plain dict keyed by `(device_kind, m_bucket, k, n)`; a miss falls back to
-`default_gemm_config`, which is the config measured best on average over the Llama shapes.
+`DEFAULT_GEMM`, the config measured best over the Llama shapes (benchmarks/NOTES.md): CTA 128x128
+with promotion, clusters of 2 CTAs along M multicasting B, one pipeline across an SM's tiles.
 """
 
 import dataclasses
@@ -102,7 +103,7 @@ class DecodeConfig:
 # (>= 1024 share one entry per (k, n)).
 TUNED_GEMM: dict[tuple[str, int, int, int], GemmConfig] = {}
 
-DEFAULT_GEMM = GemmConfig()
+DEFAULT_GEMM = GemmConfig(cluster="m", persistent_pipeline=True)
 DEFAULT_DECODE = DecodeConfig()
 
 

@@ -101,6 +101,13 @@ def test_fit_stages_persistent_pipeline():
     assert not off.persistent_pipeline and off.stages == 4
 
 
+def test_fit_grid_keeps_persistent_pipeline_only_with_two_tiles_per_cta():
+    config = tbs.GemmConfig(cluster="m", persistent_pipeline=True)  # cluster tile 256 x 128
+    assert tbs.fit_grid(config, 1024, 128 * 66, num_sms=132).persistent_pipeline  # 264 tiles, 66 clusters
+    assert tbs.fit_grid(config, 512, 128 * 66, num_sms=132).persistent_pipeline  # 132 tiles: 2 a cluster
+    assert not tbs.fit_grid(config, 512, 128 * 65, num_sms=132).persistent_pipeline  # 130 tiles
+
+
 def test_interpret_decode_splits_k(key):
     # Several K splits summed outside the kernel.
     config = tbs.DecodeConfig(tile_n=128, stages=2, min_units_per_sm=8)

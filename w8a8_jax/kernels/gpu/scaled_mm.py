@@ -442,6 +442,7 @@ def scaled_mm(
     if k % config.tile_k or n % config.cluster_n:
         raise ValueError(f"{k=} and {n=} must be multiples of {config.tile_k=} and {config.cluster_n=}")
     mp = _round_up(m, config.cluster_m)
+    config = tbs.fit_grid(config, mp, n, platform.num_sms())
     out = gemm_large_m(
         _pad_rows(qinput, mp),
         weight,

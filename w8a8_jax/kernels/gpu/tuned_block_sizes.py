@@ -130,6 +130,17 @@ def fit_stages(config: GemmConfig, out_itemsize: int, k: int) -> GemmConfig:
     return dataclasses.replace(config, stages=stages, persistent_pipeline=persistent)
 
 
+def fit_grid(config: GemmConfig, m: int, n: int, num_sms: int) -> GemmConfig:
+    """The config with the persistent pipeline kept only where every CTA (cluster) of the grid gets
+    at least 2 output tiles: the first tile starts the pipeline and the last one drains it, and a
+    single tile cannot be both (its CTA would exit with its cluster peer still signalling it)."""
+    grid = num_sms // (1 if config.cluster is None else 2)
+    tiles = (m // config.cluster_m) * (n // config.cluster_n)
+    if config.persistent_pipeline and tiles < 2 * grid:
+        return dataclasses.replace(config, persistent_pipeline=False)
+    return config
+
+
 def gemm_config(device_kind: str, m: int, k: int, n: int, out_itemsize: int) -> GemmConfig:
     """Tuned config for the shape, else the fallback; N must divide by the CTA tile's N."""
     m_bucket = 1 << max(0, (min(m, 1024) - 1).bit_length())

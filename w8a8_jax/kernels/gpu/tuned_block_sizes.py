@@ -148,6 +148,9 @@ def gemm_config(device_kind: str, m: int, k: int, n: int, out_itemsize: int) -> 
     if n % config.cluster_n:
         # N a multiple of 128 but not of the cluster's: stack the warpgroups and the cluster along M.
         config = dataclasses.replace(config, wg_split="m", cluster=config.cluster and "m")
+    if config.cluster == "m" and m <= config.cta_m:
+        # One CTA row of output: a cluster along M would pad M to two; pair CTAs along N instead.
+        config = dataclasses.replace(config, cluster="n" if n % (2 * config.cta_n) == 0 else None)
     return fit_stages(config, out_itemsize, k)
 
 

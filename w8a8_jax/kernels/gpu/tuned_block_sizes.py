@@ -160,12 +160,19 @@ def decode_config(device_kind: str, m: int, k: int, n: int) -> DecodeConfig:
     return DEFAULT_DECODE
 
 
-# (m_bucket, k, n) where the kernel measured faster than XLA's fp8 path on an H100 (benchmarks/
-# NOTES.md, "GPU kernels"); everywhere else the registered fused path hands the GEMM to XLA. Shapes
-# not measured go to XLA: never slower than XLA by default.
+# (m_bucket, k, n) where the kernel measured at least 3% faster than the faster of XLA's fp8 paths
+# on an H100 (benchmarks/NOTES.md, "GPU kernels", v4 grid); everywhere else the registered fused
+# path hands the GEMM to XLA. Buckets between two measured ones that agree (256, 512, 2048) take
+# their side; shapes not measured go to XLA: never slower than XLA by default.
 KERNEL_FASTER_THAN_XLA: frozenset[tuple[int, int, int]] = frozenset(
     {
-        (4096, 4096, 28672),  # H100: 892-896 us vs XLA rowwise 919 us, per-tensor 928 us
+        # Llama-3-8B QKV (K=4096, N=6144): 1175-1255 TFLOP/s vs XLA 1080-1143, M = 1024..8192.
+        *((m, 4096, 6144) for m in (1024, 2048, 4096, 8192)),
+        # Llama-3-8B gate/up (K=4096, N=28672): 593 vs 522 at M=128, 1182-1263 vs 1093-1126 above.
+        *((m, 4096, 28672) for m in (128, 256, 512, 1024, 2048, 4096, 8192)),
+        # Llama-3-70B QKV and gate/up at M=128: 584 vs 525 and 666 vs 618.
+        (128, 8192, 10240),
+        (128, 8192, 57344),
     }
 )
 

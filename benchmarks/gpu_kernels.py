@@ -290,8 +290,9 @@ def bench_quant(results, shapes, reps):
 
 def bench_e2e(results, m_values, kn_values, reps):
     """`Fp8LinearOp.apply` (bf16 in, dynamic per-token, per-channel weight) against XLA's bf16 GEMM:
-    as registered (the quant kernel, then the GEMM the routing table picks), all-XLA, and the
-    quant kernel feeding the GEMM kernel directly."""
+    as registered (the quant kernel, then the GEMM the routing table picks), with
+    `fused_supported=False` (the quant kernel, then XLA's GEMM), and the quant kernel feeding the
+    GEMM kernel directly."""
     key = jax.random.key(5)
     contract = (((1,), (1,)), ((), ()))
     fused = w8a8_jax.Fp8LinearOp(use_per_token_if_dynamic=True, pad_output=False)

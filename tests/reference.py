@@ -83,3 +83,25 @@ def assert_gemm_close(out, ref, k: int, out_dtype) -> None:
     err = np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)
     tol = gemm_tolerance(k, out_dtype)
     assert err <= tol, f"max error {err:.3g} (relative to max |ref|) exceeds {tol:.3g}"
+
+
+def assert_bit_identical(got, want) -> None:
+    """Same shape, dtype and bits (fp8 codes compared as bytes, float32 scales as words)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
+    bits = np.uint8 if got.itemsize == 1 else np.uint32
+    differ = got.view(bits) != want.view(bits)
+    assert not differ.any(), f"{differ.sum()} of {got.size} values differ"
+
+
+def assert_per_token_exact(q, scale, x, scale_ub, fp8_dtype) -> None:
+    """A per-token quantizer's `(q, scale)` for `x` is bit-identical to this module's float64
+    reference and to the library's XLA formula (`quantization.quantize_per_token`)."""
+    from w8a8_jax import quantization
+
+    ref_q, ref_scale = quant_dynamic_per_token(x, scale_ub, fp8_dtype)
+    xla_q, xla_scale = quantization.quantize_per_token(x, scale_ub, fp8_dtype)
+    assert_bit_identical(q, ref_q)
+    assert_bit_identical(scale, ref_scale)
+    assert_bit_identical(q, xla_q)
+    assert_bit_identical(scale, xla_scale)

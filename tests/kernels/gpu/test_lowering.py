@@ -30,7 +30,7 @@ def spec(shape, dtype):
     [
         tbs.DEFAULT_GEMM,
         tbs.GemmConfig(promote=False, tile_m=128, wg_split="n"),
-        tbs.GemmConfig(tile_k=256, overlap_promotion=True),
+        tbs.GemmConfig(cluster="n"),
         tbs.GemmConfig(persistent_pipeline=True),
         tbs.DEFAULT_DECODE,
     ],

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from tests import reference
-from tests.kernels.tpu.test_quant import assert_bit_identical
 from w8a8_jax import quantization
 from w8a8_jax.kernels.gpu import quant, supports_device
 
@@ -16,12 +15,7 @@ on_hopper = jax.devices()[0].platform == "gpu" and supports_device(jax.devices()
 
 def check_quant(x, scale_ub=None, fp8_dtype=jnp.float8_e4m3fn, *, interpret=True, rows_per_block=1):
     q, scale = quant.per_token_quant(x, scale_ub, fp8_dtype, interpret=interpret, rows_per_block=rows_per_block)
-    ref_q, ref_scale = reference.quant_dynamic_per_token(x, scale_ub, fp8_dtype)
-    xla_q, xla_scale = quantization.quantize_per_token(x, scale_ub, fp8_dtype)
-    assert_bit_identical(q, ref_q)
-    assert_bit_identical(scale, ref_scale)
-    assert_bit_identical(q, xla_q)
-    assert_bit_identical(scale, xla_scale)
+    reference.assert_per_token_exact(q, scale, x, scale_ub, fp8_dtype)
     return q, scale
 
 
@@ -109,6 +103,4 @@ def test_hopper_scale_ub_and_dispatch(key):
     x = spread_rows(key, 33, 4096, jnp.bfloat16)
     ub = jnp.array([0.5], jnp.float32)
     q, scale = quantization.scaled_fp8_quant(x, scale_ub=ub, use_per_token_if_dynamic=True)
-    ref_q, ref_scale = reference.quant_dynamic_per_token(x, ub, jnp.float8_e4m3fn)
-    assert_bit_identical(q, ref_q)
-    assert_bit_identical(scale, ref_scale)
+    reference.assert_per_token_exact(q, scale, x, ub, jnp.float8_e4m3fn)

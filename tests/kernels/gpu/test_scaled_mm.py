@@ -84,9 +84,9 @@ def test_interpret_without_promotion_and_wide_n(key):
     "config",
     [
         tbs.GemmConfig(persistent_pipeline=True, stages=2),
-        tbs.GemmConfig(tile_k=256, overlap_promotion=True, persistent_pipeline=True, stages=2),
+        tbs.GemmConfig(cluster="m", persistent_pipeline=True, stages=2),
     ],
-    ids=["persistent", "overlap_persistent"],
+    ids=["persistent", "cluster_persistent"],
 )
 def test_interpret_pipeline_variants(key, config):
     # 3 x 2 output tiles over 2 SMs: each SM's pipeline starts, runs steady and stops.

@@ -38,8 +38,6 @@ class GemmConfig:
       promote: add each k-block's `wgmma` result into a separate float32 register total (fp8
         `wgmma` accumulates with reduced precision). Costs a second accumulator's registers, so
         tile_m * tile_n <= 64 * 128 with it on.
-      overlap_promotion: run each k-block as two halves into two accumulators and add the first
-        while the second's `wgmma` runs (promotion every tile_k / 2; tile_k 256 keeps 128).
       persistent_pipeline: one TMA pipeline across all of an SM's tiles (no refill bubble per
         tile); needs k-blocks a multiple of the stages.
       cluster: None, or "m" / "n": pairs of CTAs adjacent along M (N) form a cluster and each B
@@ -56,7 +54,6 @@ class GemmConfig:
     epi_tile_m: int = 64
     epi_tile_n: int = 64
     promote: bool = True
-    overlap_promotion: bool = False
     persistent_pipeline: bool = False
     cluster: str | None = None
 

@@ -7,8 +7,8 @@
 Schedule: one warpgroup per block of rows. Each thread loads 16-byte vectors of the row straight
 from global memory (coalesced across the warpgroup, no shared-memory staging: the row is read once
 for its amax, kept in registers where it fits, and re-read from L1/L2 otherwise); the row's amax is
-an elementwise max over the row's chunks followed by one warpgroup reduction; the divide, clamp and
-cast to e4m3 (`cvt.rn.satfinite`) run on the same registers and the codes are stored as 8-byte
+an elementwise max over the row's chunks followed by one warpgroup reduction; the scaling, clamp
+and cast to e4m3 (`cvt.rn.satfinite`) run on the same registers and the codes are stored as 8-byte
 vectors.
 
 Division. The codes must equal the XLA formula's, `f32(f64(x) / f64(s))`. A float32 division in
@@ -36,8 +36,8 @@ from w8a8_jax import dtypes, quantization, validation
 
 # Largest slice of a row (elements) held in registers at once: 32 float32 registers a thread.
 CHUNK_ELEMENTS = 4096
-# One 16-byte load a thread per vector; the fp8 cast converts pairs, so at least 2 elements.
 WARPGROUP_THREADS = 128
+# A thread's vector is one 16-byte load where K allows; the fp8 cast converts pairs, so >= 2.
 MIN_VECTOR = 2
 
 
@@ -56,7 +56,7 @@ def supports(k: int, x_dtype, fp8_dtype) -> bool:
     x_dtype, fp8_dtype = np.dtype(x_dtype), np.dtype(fp8_dtype)
     return (
         fp8_dtype == np.dtype(jnp.float8_e4m3fn)
-        and x_dtype in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16), np.dtype(jnp.float32))
+        and x_dtype in dtypes.FLOAT_DTYPES
         and k > 0
         and _vector_size(k, x_dtype.itemsize) is not None
     )

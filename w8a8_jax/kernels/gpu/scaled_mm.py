@@ -7,9 +7,11 @@ bias applied to the float32 accumulator before one rounding.
 Two schedules:
   * large M: a persistent grid over CTA output tiles (planar-snake rasterization for L2 reuse);
     per CTA one TMA producer warpgroup and two `wgmma` consumer warpgroups around a multi-stage
-    shared-memory ring (128-byte swizzle); the epilogue stages the `(M,)` and `(N,)` scale vectors
-    and the bias in shared memory, applies them to the accumulator in registers, casts, and
-    stores through shared memory with TMA.
+    shared-memory ring (128-byte swizzle); by default CTAs pair into clusters of 2 along M that
+    share each B tile by TMA multicast (halving its L2 reads), and one pipeline runs across all of
+    a CTA's tiles; the epilogue stages the `(M,)` and `(N,)` scale vectors and the bias in shared
+    memory, applies them to the accumulator in registers, casts, and stores through shared
+    memory with TMA.
   * small M (decode): operands swapped, `weight_tile @ x.T`, so N fills the 128-row side of
     `wgmma` and the tokens (padded to 8..64) its narrow side; the grid splits N and K so every SM
     streams weight; float32 partials are summed and scaled by one small XLA fusion.

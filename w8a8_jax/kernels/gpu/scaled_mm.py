@@ -99,9 +99,7 @@ def _gemm_kernel(
     cta_m, cta_n = config.cta_m, config.cta_n
     epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
     # A cluster of 2 CTAs side by side along M (N) shares each B (A) tile: TMA multicasts it.
-    cluster_m = 2 if config.cluster == "m" else 1
-    cluster_n = 2 if config.cluster == "n" else 1
-    m_iters, n_iters, k_iters = m // (cta_m * cluster_m), n // (cta_n * cluster_n), k // tile_k
+    m_iters, n_iters, k_iters = m // config.cluster_m, n // config.cluster_n, k // tile_k
     transforms = _fp8_transforms(tile_k)
     has_bias = bias_gmem is not None
     shared = ("cluster",)
@@ -154,9 +152,10 @@ def _gemm_kernel(
             m_idx, n_idx = plgpu.planar_snake(
                 tile_idx, (m_iters, n_iters), 1 if config.grid_minor == "n" else 0, config.grid_tile_width
             )
-            if config.cluster is not None:
-                cta = lax.axis_index("cluster")
-                m_idx, n_idx = m_idx * cluster_m + cta * (cluster_m - 1), n_idx * cluster_n + cta * (cluster_n - 1)
+            if config.cluster == "m":
+                m_idx = 2 * m_idx + lax.axis_index("cluster")
+            elif config.cluster == "n":
+                n_idx = 2 * n_idx + lax.axis_index("cluster")
             cta_m_slice = pl.ds(m_idx * cta_m, cta_m)
             cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
             if config.wg_split == "m":

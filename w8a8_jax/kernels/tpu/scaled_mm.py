@@ -246,6 +246,11 @@ def _check_blocks_arg(blocks):
         raise TypeError(f"blocks must be a BlockSizes or None, got {type(blocks).__name__}")
 
 
+def _weight_scale_row(scale: jax.Array) -> jax.Array:
+    """A weight scale as the kernel takes it: `(1,)` per-tensor, `(1, N)` per-channel."""
+    return scale.reshape(1) if validation.is_per_tensor(scale) else scale.reshape(1, -1)
+
+
 def w8a8_scaled_mm(
     qinput: jax.Array,
     weight: jax.Array,
@@ -297,7 +302,7 @@ def w8a8_scaled_mm(
         blocks=blocks,
     )
     scale_a = scale_a.reshape(-1, 1) if row_scales else scale_a.reshape(1)
-    scale_b = scale_b.reshape(1, -1) if not validation.is_per_tensor(scale_b) else scale_b.reshape(1)
+    scale_b = _weight_scale_row(scale_b)
     return _gemm(
         qinput,
         weight,
@@ -406,7 +411,7 @@ def fused_quant_scaled_mm(
         row_scales=x_mode == "per_token",
         blocks=blocks,
     )
-    scale_b = weight_scale.reshape(1, -1) if not validation.is_per_tensor(weight_scale) else weight_scale.reshape(1)
+    scale_b = _weight_scale_row(weight_scale)
     return _gemm(
         x,
         weight,

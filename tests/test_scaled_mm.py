@@ -10,6 +10,7 @@ from w8a8_jax import (
     dispatch_w8a8_scaled_mm,
     fused_w8a8_scaled_mm,
     platform,
+    quantization,
     xla_channelwise_w8a8_scaled_mm,
     xla_per_tensor_w8a8_scaled_mm,
     xla_per_token_w8a8_scaled_mm,
@@ -59,6 +60,29 @@ def test_no_bias_and_jit(key, path):
     qinput, weight, scale_a, scale_b, _ = make_operands(key, 33, 256, 48, per_row, per_row)
     jitted = jax.jit(path, static_argnums=5)(qinput, weight, scale_a, scale_b, None, jnp.float32)
     reference.assert_gemm_close(jitted, reference.scaled_mm(qinput, weight, scale_a, scale_b), 256, jnp.float32)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_quantize_and_gemm_in_one_program(key, path):
+    """The codes, not the unquantized activations, reach the GEMM when one jitted program does both
+    (XLA:GPU folds a bare `f32 -> fp8 -> f32` conversion chain away)."""
+    per_row = path is not xla_per_tensor_w8a8_scaled_mm
+    _, weight, _, scale_b, bias = make_operands(key, 9, 96, 40, False, per_row)
+    x = jax.random.normal(jax.random.key(7), (9, 96)) * 3
+    scale_a = jnp.array([0.011], jnp.float32)
+
+    def layer(x):
+        return path(
+            quantization.quantize_per_tensor(x, scale_a[0], jnp.float8_e4m3fn),
+            weight,
+            scale_a,
+            scale_b,
+            bias,
+            jnp.float32,
+        )
+
+    ref = reference.scaled_mm(reference.quant_static(x, scale_a), weight, scale_a, scale_b, bias)
+    reference.assert_gemm_close(jax.jit(layer)(x), ref, 96, jnp.float32)
 
 
 def test_tolerance_catches_mistakes(key):

@@ -57,7 +57,14 @@ def apply_scales(acc, scale_a, scale_b, bias, out_dtype) -> jax.Array:
 
 
 def _fp8_dot(qinput, weight) -> jax.Array:
-    return jax.lax.dot_general(qinput, weight, _CONTRACT_K, preferred_element_type=jnp.float32)
+    """`(M, K) x (N, K)` fp8 -> `(M, N)` float32, accumulated in float32.
+
+    On GPU the algorithm is named: at default precision XLA:GPU runs cuBLASLt's fp8 GEMM with fast
+    accumulation, in the tensor cores' reduced-precision accumulator. CPU takes no algorithm and
+    accumulates in float32 anyway.
+    """
+    precision = jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32 if jax.default_backend() == "gpu" else None
+    return jax.lax.dot_general(qinput, weight, _CONTRACT_K, precision=precision, preferred_element_type=jnp.float32)
 
 
 def xla_per_tensor_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype) -> jax.Array:
@@ -81,9 +88,13 @@ def xla_channelwise_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_d
     """The portable fallback: a float32 GEMM on the upcast codes, then scales, then bias.
 
     Exact at default precision: fp8 codes (4 significant bits) are representable in the bf16/tf32
-    inputs of reduced-precision f32 matmuls, and their products in float32.
+    inputs of reduced-precision f32 matmuls, and their products in float32. The codes pass an
+    optimization barrier before the upcast: in a program that also quantizes, XLA:GPU would
+    otherwise fold `f32 -> fp8 -> f32` into nothing (its excess-precision conversion pass) and
+    multiply the unquantized activations.
     """
     scale_a, scale_b, bias, out_dtype = check_operands(qinput, weight, scale_a, scale_b, bias, out_dtype)
+    qinput, weight = jax.lax.optimization_barrier((qinput, weight))
     acc = jax.lax.dot_general(
         qinput.astype(jnp.float32), weight.astype(jnp.float32), _CONTRACT_K, preferred_element_type=jnp.float32
     )

@@ -15,7 +15,10 @@ SCHEMES = [(w, a) for w in ("per_tensor", "per_channel") for a in ("static", "dy
 
 @pytest.fixture(scope="module")
 def mesh():
-    assert len(jax.devices()) == 8, "conftest sets 8 host devices"
+    if len(jax.devices()) != 8:
+        pytest.skip(
+            f"needs 8 devices of one backend; conftest gives 8 on CPU, {jax.default_backend()} has {len(jax.devices())}"
+        )
     return Mesh(np.array(jax.devices()), ("tp",))
 
 

@@ -85,8 +85,9 @@ def test_interpret_without_promotion_and_wide_n(key):
     [
         tbs.GemmConfig(persistent_pipeline=True, stages=2),
         tbs.GemmConfig(cluster="m", persistent_pipeline=True, stages=2),
+        tbs.GemmConfig(tile_n=256, epi_tile_n=32, cluster="m", persistent_pipeline=True, stages=2),
     ],
-    ids=["persistent", "cluster_persistent"],
+    ids=["persistent", "cluster_persistent", "cluster_persistent_promoted_in_two_chunks"],
 )
 def test_interpret_pipeline_variants(key, config):
     # 3 x 2 output tiles over 2 SMs: each SM's pipeline starts, runs steady and stops.
@@ -124,8 +125,19 @@ def test_matches_xla_rowwise_path(key):
 
 
 @pytest.mark.parametrize(
+    "m, k, n, granularity",
+    [(150, 272, 208, "rowwise"), (150, 144, 400, "per_tensor"), (5, 272, 48, "rowwise")],
+    ids=["large_m", "large_m_per_tensor", "decode"],
+)
+def test_interpret_shapes_padded_to_the_tiles(key, m, k, n, granularity):
+    # K and N multiples of 16 but not of 128: zero-padded in the wrapper, sliced off after.
+    assert gpu_mm.supports_shape(k, n)
+    check(key, m, k, n, granularity, True, jnp.bfloat16, interpret=True)
+
+
+@pytest.mark.parametrize(
     "k, n, message",
-    [(200, 256, "multiple of 128"), (256, 200, "multiple of 128")],
+    [(200, 256, "K=200 must be a positive multiple of 16"), (256, 120, "N=120 must be a positive multiple of 16")],
 )
 def test_rejects_unsupported_shapes(k, n, message):
     qinput = jnp.zeros((4, k), jnp.float8_e4m3fn)
@@ -162,6 +174,7 @@ def test_registered_on_gpu_platform_only():
         (4096, 4096, 1024, "per_tensor", False, jnp.float32),
         (257, 14336, 1024, "rowwise", False, jnp.float32),  # long K: promotion
         (8, 14336, 1024, "rowwise", False, jnp.float32),
+        (300, 4112, 2000, "rowwise", True, jnp.bfloat16),  # K, N padded to the tiles
     ],
 )
 def test_hopper(key, m, k, n, granularity, with_bias, out_dtype):

@@ -32,9 +32,11 @@ from w8a8_jax.kernels.gpu.tuned_block_sizes import DecodeConfig, GemmConfig
 # Largest padded M that takes the decode schedule (wgmma's N side is at most 256, but past 64
 # tokens the large-M schedule reuses each weight tile enough to be compute-bound).
 DECODE_MAX_M = 64
-# K and N granularity: one 128-byte swizzle row of fp8 along K; the CTA tile's 128 rows along N.
+# K and N granularity of the kernel: one 128-byte swizzle row of fp8 along K; the CTA tile's 128
+# rows along N. Other multiples of SHAPE_MULTIPLE (TMA's 16-byte rows) are zero-padded up to them.
 K_MULTIPLE = 128
 N_MULTIPLE = 128
+SHAPE_MULTIPLE = 16
 
 
 def _interpret_params():
@@ -43,7 +45,7 @@ def _interpret_params():
 
 def supports_shape(k: int, n: int) -> bool:
     """Whether the kernel takes contraction `k` and output width `n` (else the XLA paths run)."""
-    return k % K_MULTIPLE == 0 and n % N_MULTIPLE == 0 and k > 0 and n > 0
+    return k % SHAPE_MULTIPLE == 0 and n % SHAPE_MULTIPLE == 0 and k > 0 and n > 0
 
 
 def _fp8_transforms(tile_k: int):
@@ -61,25 +63,41 @@ def _zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
 
-def _mma_step(carry, a, b, promote: bool):
-    """One k-block of `wgmma`; with `promote`, its sum is added into a float32 register total.
+def _promoted_zeros(rows: int, cols: int):
+    """A promoting warpgroup's float32 totals: one `(rows, <= PROMOTE_N)` array per column chunk."""
+    chunk = min(cols, tbs.PROMOTE_N)
+    return tuple(_zeros((rows, chunk)) for _ in range(cols // chunk))
+
+
+def _mma_step(carry, a, b_nk, promote: bool):
+    """One k-block of `wgmma`; with `promote`, its sum is added into float32 register totals.
 
     Hopper's fp8 `wgmma` accumulates with fewer bits than float32 (measured: relative error 7e-3
     at K=14336 against 2e-5 for float32 accumulation), so each k-block (tile_k = 128: four
-    instructions) runs into a fresh zeroed accumulator and is promoted with float32 adds. fp8
-    `wgmma` takes K-major operands only: `b` is the `(N, K)` tile seen as `(K, N)`.
+    instructions per chunk) runs into a fresh zeroed accumulator and is promoted with float32
+    adds, one column chunk of the totals (`_promoted_zeros`) at a time, so the `wgmma`
+    accumulator is never wider than a chunk. fp8 `wgmma` takes K-major operands only: `b_nk` is
+    the `(N, K)` tile, seen as `(K, N)`.
     """
     if not promote:
-        plgpu.wgmma(carry, a, b)
+        plgpu.wgmma(carry, a, b_nk.transpose((1, 0)))
         plgpu.wgmma_wait(0)
         return carry
 
-    def block(acc_ref):
-        plgpu.wgmma(acc_ref, a, b)
+    def block(acc_ref, b_kn):
+        plgpu.wgmma(acc_ref, a, b_kn)
         plgpu.wgmma_wait(0)
         return acc_ref[...]
 
-    return carry + pl.run_scoped(block, plgpu.ACC(carry.shape, jnp.float32))
+    chunk = carry[0].shape[1]
+    return tuple(
+        total
+        + pl.run_scoped(
+            functools.partial(block, b_kn=b_nk.at[pl.ds(i * chunk, chunk)].transpose((1, 0))),
+            plgpu.ACC(total.shape, jnp.float32),
+        )
+        for i, total in enumerate(carry)
+    )
 
 
 def _gemm_kernel(
@@ -178,45 +196,50 @@ def _gemm_kernel(
                         bias_gmem.at[pl.ds(wg_n0, tile_n)], bias_smem.at[wg], vector_barriers.at[3 * wg + 2]
                     )
 
-                def epilogue(acc):  # (tile_m, tile_n) float32, WGMMA layout
+                def epilogue(chunks):  # column chunks of the (tile_m, tile_n) float32 total, WGMMA layout
                     plgpu.barrier_wait(vector_barriers.at[3 * wg])
                     plgpu.barrier_wait(vector_barriers.at[3 * wg + 1])
-                    row_scale = plgpu.load(scale_a_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-                    col_scale = plgpu.load(scale_b_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
-                    out = acc * lax.broadcast_in_dim(row_scale, acc.shape, [0])
-                    out = out * lax.broadcast_in_dim(col_scale, acc.shape, [1])
                     if has_bias:
                         plgpu.barrier_wait(vector_barriers.at[3 * wg + 2])
-                        bias = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
-                        out = out + lax.broadcast_in_dim(bias, acc.shape, [1])
-                    out = out.astype(out_dtype)
+                    row_scale = plgpu.load(scale_a_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for epi_mi in range(tile_m // epi_m):
-                        for epi_ni in range(tile_n // epi_n):
-                            slot = (epi_mi * (tile_n // epi_n) + epi_ni) % 2
-                            epi_m_slice = slice(epi_mi * epi_m, (epi_mi + 1) * epi_m)
-                            epi_n_slice = slice(epi_ni * epi_n, (epi_ni + 1) * epi_n)
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            out_smem[wg, slot] = out[epi_m_slice, epi_n_slice]
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(
-                                out_smem.at[wg, slot],
-                                out_gmem.at[cta_m_slice, cta_n_slice]
-                                .at[wg_m_slice, wg_n_slice]
-                                .at[epi_m_slice, epi_n_slice],
-                            )
+                    chunk_n = chunks[0].shape[1]
+                    stores = 0
+                    for c, acc in enumerate(chunks):
+                        cols = pl.ds(c * chunk_n, chunk_n)
+                        col_scale = plgpu.load(scale_b_smem.at[wg, cols], layout=plgpu.Layout.WGMMA.reduce(0))
+                        out = acc * lax.broadcast_in_dim(row_scale, acc.shape, [0])
+                        out = out * lax.broadcast_in_dim(col_scale, acc.shape, [1])
+                        if has_bias:
+                            bias = plgpu.load(bias_smem.at[wg, cols], layout=plgpu.Layout.WGMMA.reduce(0))
+                            out = out + lax.broadcast_in_dim(bias, acc.shape, [1])
+                        out = out.astype(out_dtype)
+                        for epi_mi in range(tile_m // epi_m):
+                            for epi_ni in range(chunk_n // epi_n):
+                                slot = stores % 2
+                                stores += 1
+                                epi_m_slice = slice(epi_mi * epi_m, (epi_mi + 1) * epi_m)
+                                epi_n_slice = slice(epi_ni * epi_n, (epi_ni + 1) * epi_n)
+                                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                                out_smem[wg, slot] = out[epi_m_slice, epi_n_slice]
+                                plgpu.commit_smem()
+                                plgpu.copy_smem_to_gmem(
+                                    out_smem.at[wg, slot],
+                                    out_gmem.at[cta_m_slice, cta_n_slice]
+                                    .at[wg_m_slice, wg_n_slice]
+                                    .at[epi_m_slice, pl.ds(c * chunk_n + epi_ni * epi_n, epi_n)],
+                                )
 
                 if config.promote:
-                    epilogue(eval_pipeline(_zeros((tile_m, tile_n))))
+                    epilogue(eval_pipeline(_promoted_zeros(tile_m, tile_n)))
                 else:
 
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
                     def _acc_scope(acc_ref):
-                        epilogue(eval_pipeline(acc_ref)[...])
+                        epilogue((eval_pipeline(acc_ref)[...],))
 
             def mma_body(_, a_smem, b_smem, carry):
-                b_kn = b_smem.at[wg_n_slice].transpose((1, 0))
-                return _mma_step(carry, a_smem.at[wg_m_slice], b_kn, config.promote)
+                return _mma_step(carry, a_smem.at[wg_m_slice], b_smem.at[wg_n_slice], config.promote)
 
             pipeline_state = None
             if config.persistent_pipeline:
@@ -261,7 +284,7 @@ def _decode_kernel(
     def _scope(out_smem):
         def compute_context(eval_pipeline):
             if config.promote:
-                out_smem[...] = eval_pipeline(_zeros((tile_n, mp)))
+                (out_smem[...],) = eval_pipeline(_promoted_zeros(tile_n, mp))  # mp <= 64: one chunk
             else:
 
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_n, mp), jnp.float32))
@@ -273,7 +296,7 @@ def _decode_kernel(
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         def mma_body(_, w_smem, x_smem, carry):
-            return _mma_step(carry, w_smem, x_smem.transpose((1, 0)), config.promote)
+            return _mma_step(carry, w_smem, x_smem, config.promote)
 
         plgpu.emit_pipeline_warp_specialized(
             mma_body,
@@ -372,7 +395,8 @@ def scaled_mm(
 
     Args:
       qinput: `(M, K)` float8_e4m3fn, any M (padded here, sliced off).
-      weight: `(N, K)` float8_e4m3fn; K a multiple of 128, N a multiple of 128.
+      weight: `(N, K)` float8_e4m3fn; K and N multiples of 16. The kernel tiles multiples of 128;
+        other shapes are zero-padded up to them here, a copy of both operands each call.
       scale_a: float32 `()`, `(1,)`, `(1, 1)`, `(M,)` or `(M, 1)`.
       scale_b: float32 `()`, `(1,)`, `(1, 1)`, `(N,)` or `(N, 1)`.
       bias: `(N,)` or None.
@@ -391,10 +415,12 @@ def scaled_mm(
         raise NotImplementedError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
     m, k = qinput.shape
     n = weight.shape[0]
-    if k % K_MULTIPLE:
-        raise ValueError(f"{k=} must be a multiple of {K_MULTIPLE} (one 128-byte swizzle row of fp8)")
-    if n % N_MULTIPLE:
-        raise ValueError(f"{n=} must be a multiple of {N_MULTIPLE} (the CTA tile's rows)")
+    for name, size in (("K", k), ("N", n)):
+        if size <= 0 or size % SHAPE_MULTIPLE:
+            raise ValueError(
+                f"{name}={size} must be a positive multiple of {SHAPE_MULTIPLE} (TMA copies 16-byte rows); "
+                "the XLA paths take any shape"
+            )
     for name, scale, length in (("scale_a", scale_a, m), ("scale_b", scale_b, n)):
         if scale.size not in (1, length):
             raise ValueError(f"{name} must have 1 or {length} elements, got shape {tuple(scale.shape)}")
@@ -402,6 +428,17 @@ def scaled_mm(
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     if m == 0:
         return jnp.zeros((0, n), out_dtype)
+    kp, np_ = _round_up(k, K_MULTIPLE), _round_up(n, N_MULTIPLE)
+    if (kp, np_) != (k, n):
+        # Zero codes add nothing to the dot; the padded channels (scale 1, no bias) are sliced off.
+        qinput = jnp.pad(qinput, ((0, 0), (0, kp - k)))
+        weight = jnp.pad(weight, ((0, np_ - n), (0, kp - k)))
+        if scale_b.size == n:
+            scale_b = jnp.pad(_vector(scale_b, n), (0, np_ - n), constant_values=1.0)
+        if bias is not None:
+            bias = jnp.pad(bias, (0, np_ - n))
+        out = scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype, interpret=interpret, config=config)
+        return out[:, :n]
     device_kind = "cpu" if interpret else jax.devices()[0].device_kind
 
     use_decode = isinstance(config, DecodeConfig) or (config is None and m <= DECODE_MAX_M)

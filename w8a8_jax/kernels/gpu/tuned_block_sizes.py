@@ -18,6 +18,9 @@ import dataclasses
 SMEM_BYTES = 232_448
 # Barriers, alignment and the pipeline's own bookkeeping.
 SMEM_SLACK = 4_096
+# With promotion, columns of the `wgmma` accumulator: a wider warpgroup tile is promoted in chunks
+# of this many columns, so its registers are the float32 total plus one 64 x PROMOTE_N chunk.
+PROMOTE_N = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +39,9 @@ class GemmConfig:
       grid_tile_width: width of the snake's bands (output tiles sharing L2-resident operands).
       epi_tile_m, epi_tile_n: sub-tile of the epilogue staged through shared memory.
       promote: add each k-block's `wgmma` result into a separate float32 register total (fp8
-        `wgmma` accumulates with reduced precision). Costs a second accumulator's registers, so
-        tile_m * tile_n <= 64 * 128 with it on.
+        `wgmma` accumulates with reduced precision), PROMOTE_N columns at a time. Costs a second
+        accumulator of tile_m x min(tile_n, PROMOTE_N): with tile_m = 64, tile_n = 128 needs 128
+        registers a thread for the two, tile_n = 256 needs 192.
       persistent_pipeline: one TMA pipeline across all of an SM's tiles (no refill bubble per
         tile); needs k-blocks a multiple of the stages.
       cluster: None, or "m" / "n": pairs of CTAs adjacent along M (N) form a cluster and each B

@@ -1,14 +1,16 @@
 """The demo (README's main command): every scheme runs, names its GEMM path and is accurate."""
 
-from w8a8_jax import demo
+from w8a8_jax import demo, platform
 
 
 def test_demo_rows(monkeypatch, capsys):
-    monkeypatch.setitem(demo.SIZES, "cpu", (16, 256, 512))
+    for backend in demo.SIZES:  # small on every backend
+        monkeypatch.setitem(demo.SIZES, backend, (16, 256, 512))
     demo.main(seed=1)
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if "e-0" in line]
-    assert len(rows) == 4, lines  # bf16 and the three unfused fp8 schemes (no fused kernel on CPU)
+    # bf16, the three unfused fp8 schemes, and the fused one where a fused kernel is registered.
+    assert len(rows) == (5 if platform.fused_fp8_supported() else 4), lines
     for name in ("XLA dot_general", "xla_per_tensor_w8a8_scaled_mm", "xla_per_token_w8a8_scaled_mm"):
         assert any(name in row for row in rows), (name, lines)
     errors = [float(row.split()[-2]) for row in rows]

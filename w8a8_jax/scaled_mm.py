@@ -59,11 +59,12 @@ def apply_scales(acc, scale_a, scale_b, bias, out_dtype) -> jax.Array:
 def _fp8_dot(qinput, weight) -> jax.Array:
     """`(M, K) x (N, K)` fp8 -> `(M, N)` float32, accumulated in float32.
 
-    On GPU the algorithm is named: at default precision XLA:GPU runs cuBLASLt's fp8 GEMM with fast
-    accumulation, in the tensor cores' reduced-precision accumulator. CPU takes no algorithm and
-    accumulates in float32 anyway.
+    On CUDA GPUs the algorithm is named: at default precision XLA:GPU runs cuBLASLt's fp8 GEMM with
+    fast accumulation, in the tensor cores' reduced-precision accumulator. CPU takes no algorithm
+    and accumulates in float32 anyway; ROCm keeps XLA's default (not measured there).
     """
-    precision = jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32 if jax.default_backend() == "gpu" else None
+    cuda = jax.default_backend() == "gpu" and not platform.is_rocm()
+    precision = jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32 if cuda else None
     return jax.lax.dot_general(qinput, weight, _CONTRACT_K, precision=precision, preferred_element_type=jnp.float32)
 
 

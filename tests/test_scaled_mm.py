@@ -85,6 +85,19 @@ def test_quantize_and_gemm_in_one_program(key, path):
     reference.assert_gemm_close(jax.jit(layer)(x), ref, 96, jnp.float32)
 
 
+def test_channelwise_upcast_follows_a_barrier(key):
+    """What keeps XLA:GPU from folding `f32 -> fp8 -> f32` (the numeric test above fails on a GPU
+    without it; on CPU only this structural check can)."""
+    qinput, weight, scale_a, scale_b, bias = make_operands(key, 8, 32, 16, True, True)
+    text = (
+        jax.jit(xla_channelwise_w8a8_scaled_mm, static_argnums=5)
+        .lower(qinput, weight, scale_a, scale_b, bias, jnp.float32)
+        .as_text()
+    )
+    barrier = text.index("stablehlo.optimization_barrier")
+    assert barrier < text.index("stablehlo.convert") < text.index("stablehlo.dot_general")
+
+
 @pytest.mark.parametrize("path", [xla_per_tensor_w8a8_scaled_mm, xla_per_token_w8a8_scaled_mm])
 def test_cuda_lowering_asks_for_float32_accumulation(monkeypatch, path):
     """XLA:GPU's default fp8 GEMM accumulates in the tensor cores' reduced precision (fast

@@ -103,12 +103,13 @@ def test_cuda_lowering_asks_for_float32_accumulation(monkeypatch, path):
     """XLA:GPU's default fp8 GEMM accumulates in the tensor cores' reduced precision (fast
     accumulation, 9e-3 relative error at K=14336 on an H100): on CUDA the paths name float32."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    fp8, f32 = jnp.float8_e4m3fn, jnp.float32
-    scale_shape = (1,) if path is xla_per_tensor_w8a8_scaled_mm else (32, 1)
-    args = [
-        jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in [((32, 64), fp8), ((48, 64), fp8), (scale_shape, f32)]
-    ]
-    args.append(jax.ShapeDtypeStruct((1,) if path is xla_per_tensor_w8a8_scaled_mm else (48, 1), f32))
+    per_tensor = path is xla_per_tensor_w8a8_scaled_mm
+    args = (
+        jax.ShapeDtypeStruct((32, 64), jnp.float8_e4m3fn),
+        jax.ShapeDtypeStruct((48, 64), jnp.float8_e4m3fn),
+        jax.ShapeDtypeStruct((1,) if per_tensor else (32, 1), jnp.float32),
+        jax.ShapeDtypeStruct((1,) if per_tensor else (48, 1), jnp.float32),
+    )
     text = (
         jax.jit(path, static_argnums=(4, 5))
         .trace(*args, None, jnp.bfloat16)

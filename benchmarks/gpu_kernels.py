@@ -5,7 +5,8 @@ time of our kernel (rowwise and per-tensor scales), the XLA per-tensor and rowwi
 `torch._scaled_mm` per-tensor and rowwise; then per-token quant (ours, XLA, a plain copy) in
 bytes/s. Prints a short table last; full numbers go to `$OUT/gpu_kernels.json` (or `--json`).
 
-  python benchmarks/gpu_kernels.py [--quick] [--explore] [--ms M ...] [--kn K N ...] [--json PATH]
+  python benchmarks/gpu_kernels.py [--quick] [--explore | --configs NAME ...] [--ms M ...] [--kn K N ...]
+                                   [--json PATH]
 
 Timing: every timed call gets distinct operands (a jitted loop over R pre-made inputs returns
 all R outputs, so XLA can neither merge nor drop calls; torch loops over the same R inputs), one
@@ -154,7 +155,7 @@ GEMM_VARIANTS = {
     "ours_rowwise": None,
 }
 EXPLORE = {
-    "cm_persistent": tbs.GemmConfig(cluster="m", persistent_pipeline=True),
+    "cm_persistent": tbs.NARROW_GEMM,  # the default before v7: CTA 128x128
     "cm_persistent_minor_m": tbs.GemmConfig(cluster="m", persistent_pipeline=True, grid_minor="m"),
     "cn_persistent_minor_m": tbs.GemmConfig(cluster="n", persistent_pipeline=True, grid_minor="m"),
     "cn_persistent": tbs.GemmConfig(cluster="n", persistent_pipeline=True),
@@ -162,11 +163,11 @@ EXPLORE = {
     "cm_persistent_w32": tbs.GemmConfig(cluster="m", persistent_pipeline=True, grid_tile_width=32),
     "cm_persistent_epi128": tbs.GemmConfig(cluster="m", persistent_pipeline=True, epi_tile_n=128),
     # CTA 128x256: each warpgroup's 64x256 total promoted in two 128-column chunks (192 registers).
-    "cm_persistent_n256": tbs.GemmConfig(tile_n=256, epi_tile_n=32, cluster="m", persistent_pipeline=True),
+    "cm_persistent_n256": tbs.DEFAULT_GEMM,
 }
 
 
-def check_configs(results):
+def check_configs(results, configs):
     """Error of each explored large-M config at long K (promotion's reason to exist)."""
     key = jax.random.key(4)
     m, k, n = 256, 14336, 512
@@ -175,7 +176,7 @@ def check_configs(results):
     sa = jax.random.uniform(ks, (m, 1), jnp.float32, 0.01, 0.1)
     sb = jax.random.uniform(kt, (n, 1), jnp.float32, 0.01, 0.1)
     ref = reference.scaled_mm(a, b, sa, sb, None)
-    for name, config in EXPLORE.items():
+    for name, config in configs.items():
         if isinstance(config, tbs.DecodeConfig):
             continue
         try:
@@ -188,7 +189,7 @@ def check_configs(results):
         print(f"config {name} error at K={k}: {err}", flush=True)
 
 
-def bench_gemm(results, m_values, kn_values, reps, explore=False):
+def bench_gemm(results, m_values, kn_values, reps, configs):
     """Each timed call gets its own activation AND weight (R pairs): XLA merges dots that share an
     operand (its dot merger), which would time one batched GEMM instead of R layers."""
     import torch
@@ -222,15 +223,14 @@ def bench_gemm(results, m_values, kn_values, reps, explore=False):
                 variants["ours_tensor"] = lambda x: gpu_mm.scaled_mm(
                     x[0], x[2], w_scale_t, w_scale_t, None, jnp.bfloat16
                 )
-            if explore:
-                small = m <= gpu_mm.DECODE_MAX_M
-                for name, config in EXPLORE.items():
-                    if name.startswith("dec_") == small:
-                        variants[name] = (
-                            lambda c: (
-                                lambda x: gpu_mm.scaled_mm(x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16, config=c)
-                            )
-                        )(config)
+            small = m <= gpu_mm.DECODE_MAX_M
+            for name, config in configs.items():
+                if isinstance(config, tbs.DecodeConfig) == small:
+                    variants[name] = (
+                        lambda c: (
+                            lambda x: gpu_mm.scaled_mm(x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16, config=c)
+                        )
+                    )(config)
             for name, fn in variants.items():
                 try:
                     row[name] = time_jax(fn, xs, reps)
@@ -394,7 +394,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--skip-quant", action="store_true")
-    parser.add_argument("--explore", action="store_true", help="also time candidate configs")
+    parser.add_argument("--explore", action="store_true", help="also time every candidate config")
+    parser.add_argument("--configs", nargs="+", choices=sorted(EXPLORE), default=[], help="also time these configs")
     parser.add_argument("--ms", type=int, nargs="+", help="M values (default: the full list)")
     parser.add_argument("--kn", type=int, nargs=2, action="append", help="a (K, N) pair; repeatable")
     parser.add_argument("--skip-checks", action="store_true")
@@ -403,18 +404,19 @@ def main():
     parser.add_argument("--e2e-ms", type=int, nargs="+", default=[4096], help="M values of the end-to-end rows")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_kernels.json"))
     args = parser.parse_args()
+    configs = dict(EXPLORE) if args.explore else {name: EXPLORE[name] for name in args.configs}
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     results = []
     if not args.skip_checks:
         check_gemm(results)
         if not args.skip_quant and gpu_quant is not None:
             check_quant(results)
-        if args.explore:
-            check_configs(results)
+        if configs:
+            check_configs(results, configs)
     ms = args.ms or ((1, 16, 4096) if args.quick else M_VALUES)
     kns = [tuple(kn) for kn in args.kn] if args.kn else (((4096, 28672), (8192, 8192)) if args.quick else KN)
     if not args.skip_gemm:
-        bench_gemm(results, ms, kns, args.reps, args.explore)
+        bench_gemm(results, ms, kns, args.reps, configs)
     if args.e2e:
         bench_e2e(results, args.e2e_ms, kns, args.reps)
     if not args.skip_quant:

@@ -120,6 +120,36 @@ def test_cuda_lowering_asks_for_float32_accumulation(monkeypatch, path):
     assert "accumulation_type = f32" in dot and "allow_imprecise_accumulation = false" in dot, dot
 
 
+@pytest.mark.parametrize("m, n", [(1, 48), (32, 1)], ids=["one_row", "one_column"])
+def test_cuda_matrix_vector_products_sum_float32_products(monkeypatch, key, m, n):
+    """XLA:GPU rejects the float32 fp8 algorithm for a matrix-vector product: there the paths sum
+    float32 products instead (a reduction, no dot), which any backend can run and check."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    operands = make_operands(key, m, 640, n, True, True)
+    for path in (xla_per_tensor_w8a8_scaled_mm, xla_per_token_w8a8_scaled_mm):
+        args = (
+            (*operands[:2], operands[2][:1], operands[3][:1]) if path is xla_per_tensor_w8a8_scaled_mm else operands[:4]
+        )
+        text = jax.jit(path, static_argnums=(4, 5)).trace(*args, None, jnp.float32).lower(lowering_platforms=("cuda",))
+        assert "dot_general" not in text.as_text()
+        out = path(*args, operands[4], jnp.float32)
+        reference.assert_gemm_close(out, reference.scaled_mm(*args, operands[4]), 640, jnp.float32)
+
+
+def test_cuda_lowering_leaves_e4m3fnuz_to_xla(monkeypatch):
+    """CUDA has no float32 algorithm for e4m3fnuz codes; XLA's default upcasts them."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    fnuz = jax.ShapeDtypeStruct((32, 64), jnp.float8_e4m3fnuz)
+    scale = jax.ShapeDtypeStruct((1,), jnp.float32)
+    lowered = jax.jit(xla_per_tensor_w8a8_scaled_mm, static_argnums=(4, 5)).trace(
+        fnuz, fnuz, scale, scale, None, jnp.float32
+    )
+    (dot,) = [
+        line for line in lowered.lower(lowering_platforms=("cuda",)).as_text().splitlines() if "dot_general" in line
+    ]
+    assert "algorithm" not in dot, dot
+
+
 def test_tolerance_catches_mistakes(key):
     """The tolerance is far tighter than what a wrong scale, transpose, bias or row would cause."""
     qinput, weight, scale_a, scale_b, bias = make_operands(key, 32, 64, 64, True, True)

@@ -32,7 +32,7 @@ def spec(shape, dtype):
         tbs.GemmConfig(promote=False, tile_m=128, wg_split="n"),
         tbs.GemmConfig(cluster="n"),
         tbs.GemmConfig(persistent_pipeline=True),
-        tbs.GemmConfig(tile_n=256, epi_tile_n=32, cluster="m", persistent_pipeline=True),
+        tbs.NARROW_GEMM,
         tbs.DEFAULT_DECODE,
     ],
     ids=str,

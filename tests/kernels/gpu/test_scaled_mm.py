@@ -102,6 +102,30 @@ def test_fit_stages_persistent_pipeline():
     assert not off.persistent_pipeline and off.stages == 4
 
 
+@pytest.mark.parametrize(
+    "m, n, cta, cluster",
+    [
+        (4096, 6144, (128, 256), "m"),  # the default, 128x256 CTAs paired along M
+        (1024, 6144, (128, 128), "m"),  # wide: 96 clusters on 66 slots leave 27% of the last wave idle
+        (1024, 8192, (128, 256), "m"),  # 128 clusters, as full as the narrow config's 256
+        (4096, 384, (128, 128), "m"),  # N not a multiple of the wide tile's 256
+        (128, 28672, (128, 128), "n"),  # one CTA row: narrow tiles, paired along N
+        (100, 384, (128, 128), None),  # one CTA row and N too narrow to pair
+    ],
+)
+def test_gemm_config_by_shape(m, n, cta, cluster):
+    config = tbs.gemm_config("H100", m, 4096, n, 2, num_sms=132)
+    assert (config.cta_m, config.cta_n, config.cluster) == (*cta, cluster)
+    assert n % config.cluster_n == 0
+
+
+def test_wave_efficiency():
+    wide = tbs.DEFAULT_GEMM  # 256 x 256 of output a cluster, 66 cluster slots on 132 SMs
+    assert tbs.wave_efficiency(wide, 1024, 6144, 132) == 96 / 132
+    assert tbs.wave_efficiency(wide, 4096, 6144, 132) == 384 / 396
+    assert tbs.wave_efficiency(tbs.GemmConfig(), 128, 128 * 132, 132) == 1.0
+
+
 def test_fit_grid_keeps_persistent_pipeline_only_with_two_tiles_per_cta():
     config = tbs.GemmConfig(cluster="m", persistent_pipeline=True)  # cluster tile 256 x 128
     assert tbs.fit_grid(config, 1024, 128 * 66, num_sms=132).persistent_pipeline  # 264 tiles, 66 clusters

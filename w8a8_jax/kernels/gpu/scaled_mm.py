@@ -460,7 +460,7 @@ def scaled_mm(
         return out.astype(out_dtype)
 
     if config is None:
-        config = tbs.gemm_config(device_kind, m, k, n, out_dtype.itemsize)
+        config = tbs.gemm_config(device_kind, m, k, n, out_dtype.itemsize, platform.num_sms())
     else:
         config = tbs.fit_stages(config, out_dtype.itemsize, k)
     if k % config.tile_k or n % config.cluster_n:

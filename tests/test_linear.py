@@ -113,10 +113,12 @@ def test_buckets_bound_compiles_and_keep_results(key):
     assert linear._linear_2d._cache_size() == len({bucket_rows(m) for m in rows})
     assert len({bucket_rows(m) for m in range(1, 4097)}) == 28
     for m in (1, 7, 65, 1025, 3001):  # padding rows change nothing in the rows kept
-        np.testing.assert_array_equal(
-            np.asarray(op.apply(pool[:m], weight, weight_scale, bias=bias)),
-            np.asarray(unpadded.apply(pool[:m], weight, weight_scale, bias=bias)),
-        )
+        padded = np.asarray(op.apply(pool[:m], weight, weight_scale, bias=bias))
+        alone = np.asarray(unpadded.apply(pool[:m], weight, weight_scale, bias=bias))
+        if jax.default_backend() == "cpu":
+            np.testing.assert_array_equal(padded, alone)
+        else:  # GPU GEMMs sum in an order that depends on M (one row: a matrix-vector product)
+            reference.assert_gemm_close(padded, alone.astype(np.float64), 16, padded.dtype)
 
 
 @pytest.mark.parametrize("m, bucket", [(1, 8), (8, 8), (9, 16), (64, 64), (65, 80), (1025, 1280), (4096, 4096)])

@@ -186,18 +186,27 @@ def decode_config(device_kind: str, m: int, k: int, n: int) -> DecodeConfig:
 
 
 # (m_bucket, k, n) where the kernel measured at least 3% faster than the faster of XLA's fp8 paths
-# on an H100 (benchmarks/NOTES.md, "GPU kernels", v4 grid); everywhere else the registered fused
-# path hands the GEMM to XLA. Buckets between two measured ones that agree (256, 512, 2048) take
-# their side; shapes not measured go to XLA: never slower than XLA by default.
+# (both accumulating in float32) on an H100 (benchmarks/NOTES.md, "GPU kernels", v7); everywhere
+# else the registered fused path hands the GEMM to XLA. Buckets between two measured ones that
+# agree (256, 512, 2048) take their side; shapes and buckets not measured go to XLA. M <= 64 always
+# goes to XLA: at M = 1 its float32 reduction and at M = 16 cuBLASLt beat the decode schedule.
+_ALL_M = (128, 256, 512, 1024, 2048, 4096, 8192)
 KERNEL_FASTER_THAN_XLA: frozenset[tuple[int, int, int]] = frozenset(
     {
-        # Llama-3-8B QKV (K=4096, N=6144): 1175-1255 TFLOP/s vs XLA 1080-1143, M = 1024..8192.
-        *((m, 4096, 6144) for m in (1024, 2048, 4096, 8192)),
-        # Llama-3-8B gate/up (K=4096, N=28672): 593 vs 522 at M=128, 1182-1263 vs 1093-1126 above.
-        *((m, 4096, 28672) for m in (128, 256, 512, 1024, 2048, 4096, 8192)),
-        # Llama-3-70B QKV and gate/up at M=128: 584 vs 525 and 666 vs 618.
-        (128, 8192, 10240),
-        (128, 8192, 57344),
+        # Llama-3-8B QKV: 370 vs 349 TFLOP/s at M=128, 1187-1273 vs 1002-1033 at M = 1024..8192.
+        *((m, 4096, 6144) for m in _ALL_M),
+        # Llama-3-8B gate/up: 593 vs 513 at M=128, 1244-1271 vs 1003-1033 at M = 1024..8192.
+        *((m, 4096, 28672) for m in _ALL_M),
+        # Llama-3-8B down: 1384-1430 vs 1258-1355 at M = 1024..8192 (335 vs 492 at M=128).
+        *((m, 14336, 4096) for m in _ALL_M[3:]),
+        # Llama-3-70B QKV: 584 vs 503 at M=128, 1266 vs 1218 at M=1024 (larger M not measured).
+        *((m, 8192, 10240) for m in _ALL_M[:4]),
+        # Llama-3-70B gate/up: 666 vs 614 at M=128, 1195-1347 vs 1138-1199 at M = 1024..8192.
+        *((m, 8192, 57344) for m in _ALL_M),
+        # Llama-3-70B down: 1330-1443 vs 1283-1399 at M = 1024..8192 (575 vs 654 at M=128).
+        *((m, 28672, 8192) for m in _ALL_M[3:]),
+        # 8192 x 8192: 1325-1345 vs 1224-1236 at M = 4096, 8192.
+        *((m, 8192, 8192) for m in _ALL_M[5:]),
     }
 )
 

@@ -62,13 +62,14 @@ def test_no_bias_and_jit(key, path):
     reference.assert_gemm_close(jitted, reference.scaled_mm(qinput, weight, scale_a, scale_b), 256, jnp.float32)
 
 
+@pytest.mark.parametrize("m", [9, 1])
 @pytest.mark.parametrize("path", PATHS)
-def test_quantize_and_gemm_in_one_program(key, path):
+def test_quantize_and_gemm_in_one_program(key, path, m):
     """The codes, not the unquantized activations, reach the GEMM when one jitted program does both
     (XLA:GPU folds a bare `f32 -> fp8 -> f32` conversion chain away)."""
     per_row = path is not xla_per_tensor_w8a8_scaled_mm
-    _, weight, _, scale_b, bias = make_operands(key, 9, 96, 40, False, per_row)
-    x = jax.random.normal(jax.random.key(7), (9, 96)) * 3
+    _, weight, _, scale_b, bias = make_operands(key, m, 96, 40, False, per_row)
+    x = jax.random.normal(jax.random.key(7), (m, 96)) * 3
     scale_a = jnp.array([0.011], jnp.float32)
 
     def layer(x):
@@ -130,8 +131,12 @@ def test_cuda_matrix_vector_products_sum_float32_products(monkeypatch, key, m, n
         args = (
             (*operands[:2], operands[2][:1], operands[3][:1]) if path is xla_per_tensor_w8a8_scaled_mm else operands[:4]
         )
-        text = jax.jit(path, static_argnums=(4, 5)).trace(*args, None, jnp.float32).lower(lowering_platforms=("cuda",))
-        assert "dot_general" not in text.as_text()
+        text = (
+            jax.jit(path, static_argnums=(4, 5)).trace(*args, None, jnp.float32).lower(lowering_platforms=("cuda",))
+        ).as_text()
+        assert "dot_general" not in text
+        # The codes are upcast behind a barrier, as in the channelwise path.
+        assert text.index("stablehlo.optimization_barrier") < text.index("stablehlo.convert")
         out = path(*args, operands[4], jnp.float32)
         reference.assert_gemm_close(out, reference.scaled_mm(*args, operands[4]), 640, jnp.float32)
 

@@ -56,6 +56,14 @@ def apply_scales(acc, scale_a, scale_b, bias, out_dtype) -> jax.Array:
     return out.astype(out_dtype)
 
 
+def _upcast_codes(qinput, weight) -> tuple[jax.Array, jax.Array]:
+    """Both fp8 code arrays as float32 (exact), behind an optimization barrier: in a program that
+    also quantizes, XLA:GPU would otherwise fold `f32 -> fp8 -> f32` into nothing (its
+    excess-precision conversion pass) and multiply the unquantized activations."""
+    qinput, weight = jax.lax.optimization_barrier((qinput, weight))
+    return qinput.astype(jnp.float32), weight.astype(jnp.float32)
+
+
 def _fp8_dot(qinput, weight) -> jax.Array:
     """`(M, K) x (N, K)` fp8 -> `(M, N)` float32, accumulated in float32.
 
@@ -71,8 +79,8 @@ def _fp8_dot(qinput, weight) -> jax.Array:
     if not cuda or qinput.dtype != dtypes.FP8_E4M3FN:
         return jax.lax.dot_general(qinput, weight, _CONTRACT_K, preferred_element_type=jnp.float32)
     if 1 in (qinput.shape[0], weight.shape[0]):
-        products = qinput.astype(jnp.float32)[:, None, :] * weight.astype(jnp.float32)[None, :, :]
-        return jnp.sum(products, axis=-1)
+        a, b = _upcast_codes(qinput, weight)
+        return jnp.sum(a[:, None, :] * b[None, :, :], axis=-1)
     return jax.lax.dot_general(
         qinput,
         weight,
@@ -103,16 +111,11 @@ def xla_channelwise_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_d
     """The portable fallback: a float32 GEMM on the upcast codes, then scales, then bias.
 
     Exact at default precision: fp8 codes (4 significant bits) are representable in the bf16/tf32
-    inputs of reduced-precision f32 matmuls, and their products in float32. The codes pass an
-    optimization barrier before the upcast: in a program that also quantizes, XLA:GPU would
-    otherwise fold `f32 -> fp8 -> f32` into nothing (its excess-precision conversion pass) and
-    multiply the unquantized activations.
+    inputs of reduced-precision f32 matmuls, and their products in float32. The codes are upcast
+    behind an optimization barrier (`_upcast_codes`).
     """
     scale_a, scale_b, bias, out_dtype = check_operands(qinput, weight, scale_a, scale_b, bias, out_dtype)
-    qinput, weight = jax.lax.optimization_barrier((qinput, weight))
-    acc = jax.lax.dot_general(
-        qinput.astype(jnp.float32), weight.astype(jnp.float32), _CONTRACT_K, preferred_element_type=jnp.float32
-    )
+    acc = jax.lax.dot_general(*_upcast_codes(qinput, weight), _CONTRACT_K, preferred_element_type=jnp.float32)
     return apply_scales(acc, scale_a, scale_b, bias, out_dtype)
 
 

@@ -124,6 +124,15 @@ def test_wave_efficiency():
     assert tbs.wave_efficiency(wide, 1024, 6144, 132) == 96 / 132
     assert tbs.wave_efficiency(wide, 4096, 6144, 132) == 384 / 396
     assert tbs.wave_efficiency(tbs.GemmConfig(), 128, 128 * 132, 132) == 1.0
+    assert tbs.wave_efficiency(wide, 256, 256, 1) == 1.0  # a one-SM device (CPU): one cluster slot
+
+
+def test_interpret_on_a_one_core_device(key):
+    # A CPU reports one core (`platform.num_sms`): the clustered grid still gets one cluster.
+    qinput, weight, scale_a, scale_b, bias = _operands(key, 130, 256, 256, "rowwise", True, jnp.float32)
+    with platform.override(num_sms=1):
+        out = gpu_mm.scaled_mm(qinput, weight, scale_a, scale_b, bias, jnp.float32, interpret=True)
+    reference.assert_gemm_close(out, reference.scaled_mm(qinput, weight, scale_a, scale_b, bias), 256, jnp.float32)
 
 
 def test_fit_grid_keeps_persistent_pipeline_only_with_two_tiles_per_cta():

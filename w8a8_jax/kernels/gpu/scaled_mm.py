@@ -334,12 +334,11 @@ def gemm_large_m(qinput, weight, scale_a, scale_b, bias, out_dtype, *, config: G
     """The large-M schedule on padded operands: `qinput (Mp, K)` with Mp a multiple of config.cluster_m."""
     m, k = qinput.shape
     n = weight.shape[0]
-    num_sms = platform.num_sms()
     cluster = {} if config.cluster is None else dict(cluster=(2,), cluster_names=("cluster",))
     kernel = plgpu.kernel(
         functools.partial(_gemm_kernel, config=config),
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(num_sms // (2 if cluster else 1),),
+        grid=(tbs.grid_slots(config, platform.num_sms()),),
         grid_names=("sm",),
         **cluster,
         num_threads=3,

@@ -134,13 +134,17 @@ def fit_stages(config: GemmConfig, out_itemsize: int, k: int) -> GemmConfig:
     return dataclasses.replace(config, stages=stages, persistent_pipeline=persistent)
 
 
+def grid_slots(config: GemmConfig, num_sms: int) -> int:
+    """CTAs (or clusters of 2) the persistent grid launches: one per SM (pair of SMs), at least one."""
+    return max(1, num_sms // (1 if config.cluster is None else 2))
+
+
 def fit_grid(config: GemmConfig, m: int, n: int, num_sms: int) -> GemmConfig:
     """The config with the persistent pipeline kept only where every CTA (cluster) of the grid gets
     at least 2 output tiles: the first tile starts the pipeline and the last one drains it, and a
     single tile cannot be both (its CTA would exit with its cluster peer still signalling it)."""
-    grid = num_sms // (1 if config.cluster is None else 2)
     tiles = (m // config.cluster_m) * (n // config.cluster_n)
-    if config.persistent_pipeline and tiles < 2 * grid:
+    if config.persistent_pipeline and tiles < 2 * grid_slots(config, num_sms):
         return dataclasses.replace(config, persistent_pipeline=False)
     return config
 
@@ -148,7 +152,7 @@ def fit_grid(config: GemmConfig, m: int, n: int, num_sms: int) -> GemmConfig:
 def wave_efficiency(config: GemmConfig, m: int, n: int, num_sms: int) -> float:
     """Busy share of the grid's CTA (cluster) slots over its waves of output tiles: 1.0 when the
     tiles fill every wave, 0.5 when the last of two waves is empty but for one tile."""
-    slots = num_sms // (1 if config.cluster is None else 2)
+    slots = grid_slots(config, num_sms)
     tiles = -(-m // config.cluster_m) * (n // config.cluster_n)
     return tiles / (-(-tiles // slots) * slots)
 

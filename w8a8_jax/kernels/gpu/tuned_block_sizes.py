@@ -9,8 +9,9 @@ Two schedules (see `scaled_mm.py`):
 `TUNED_GEMM` is a plain dict keyed by `(device_kind, m_bucket, k, n)`; a miss falls back to
 `DEFAULT_GEMM`, the config measured best over the Llama shapes (benchmarks/NOTES.md): CTA 128x256
 with promotion in 128-column chunks, clusters of 2 CTAs along M multicasting B, one pipeline
-across an SM's tiles. `NARROW_GEMM` (CTA 128x128) takes N that is not a multiple of 256 and M of
-one CTA row, where the wider tile would leave SMs idle.
+across an SM's tiles. `NARROW_GEMM` (CTA 128x128) takes N that is not a multiple of 256, M of one
+CTA row, and shapes whose wide tiles would leave more of the last wave of SMs idle
+(`wave_efficiency`).
 """
 
 import dataclasses
@@ -164,7 +165,8 @@ WAVE_SLACK = 0.1
 
 
 def gemm_config(device_kind: str, m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
-    """Tuned config for the shape, else the fallback; N must divide by the CTA tile's N."""
+    """Tuned config for the shape, else the wide default or the narrow one (module docstring), fitted
+    to N, to a single CTA row of M and to shared memory; N must divide by the CTA tile's N."""
     m_bucket = 1 << max(0, (min(m, 1024) - 1).bit_length())
     config = TUNED_GEMM.get((device_kind, m_bucket, k, n))
     if config is None:

@@ -150,10 +150,6 @@ def check_quant(results):
         print(f"check quant {m}x{k} {jnp.dtype(dtype).name}: {'IDENTICAL' if same else 'DIFFERENT'}", flush=True)
 
 
-GEMM_VARIANTS = {
-    # name -> config passed to the kernel (None: chosen by shape, the registered default)
-    "ours_rowwise": None,
-}
 EXPLORE = {
     "cm_persistent": tbs.NARROW_GEMM,  # the default before v7: CTA 128x128
     "cm_persistent_minor_m": tbs.GemmConfig(cluster="m", persistent_pipeline=True, grid_minor="m"),
@@ -210,8 +206,12 @@ def bench_gemm(results, m_values, kn_values, reps, configs):
             t_scale_row = torch.full((m, 1), 0.02, device="cuda")
             flops = 2.0 * m * n * k
             row = dict(kind="gemm", m=m, k=k, n=n)
+
+            def ours_rowwise(config=None):
+                return lambda x: gpu_mm.scaled_mm(x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16, config=config)
+
             variants = {
-                "ours_rowwise": lambda x: gpu_mm.scaled_mm(x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16),
+                "ours_rowwise": ours_rowwise(),
                 "xla_tensor": lambda x: scaled_mm.xla_per_tensor_w8a8_scaled_mm(
                     x[0], x[2], w_scale_t, w_scale_t, None, jnp.bfloat16
                 ),
@@ -226,11 +226,7 @@ def bench_gemm(results, m_values, kn_values, reps, configs):
             small = m <= gpu_mm.DECODE_MAX_M
             for name, config in configs.items():
                 if isinstance(config, tbs.DecodeConfig) == small:
-                    variants[name] = (
-                        lambda c: (
-                            lambda x: gpu_mm.scaled_mm(x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16, config=c)
-                        )
-                    )(config)
+                    variants[name] = ours_rowwise(config)
             for name, fn in variants.items():
                 try:
                     row[name] = time_jax(fn, xs, reps)

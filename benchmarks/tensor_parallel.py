@@ -63,8 +63,9 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from examples import llama_block  # noqa: E402
-from w8a8_jax import convert, dense, quantization, sharding  # noqa: E402
+from w8a8_jax import Fp8Params, Fp8Scheme, convert, dense, quantization, sharding  # noqa: E402
 from w8a8_jax import nnx as fp8_nnx  # noqa: E402
+from w8a8_jax.scheme import WEIGHT_GRANULARITIES  # noqa: E402
 
 AXIS = "tp"
 SCHEMES = ("static", "dynamic_per_tensor", "dynamic_per_token")
@@ -120,12 +121,17 @@ def swiglu(gate_up):
     return jax.nn.silu(gate_up[..., :half]) * gate_up[..., half:]
 
 
+def as_params(p) -> Fp8Params:
+    """One fp8 layer's parameters, given as `Fp8Params` (placed on a mesh) or a dict (a params tree)."""
+    return p if isinstance(p, Fp8Params) else Fp8Params.from_dict(p)
+
+
 @dataclasses.dataclass(frozen=True)
 class Ops:
     """How the linear layers and per-shard ops run: `mesh=None` is the single-device program."""
 
     kind: str  # "bf16" or "fp8" ("float32": the float reference)
-    scheme: dense.Fp8Scheme | None = None
+    scheme: Fp8Scheme | None = None
     mesh: Mesh | None = None
     out_dtype: object = None
 
@@ -136,7 +142,7 @@ class Ops:
     def col(self, x, p):
         if self.kind == "fp8":
             if self.mesh is None:
-                return dense.fp8_dense_params(x, p, scheme=self.scheme, out_dtype=self.out_dtype)
+                return dense.fp8_dense(x, as_params(p), scheme=self.scheme, out_dtype=self.out_dtype)
             return sharding.column_parallel(
                 x, p, mesh=self.mesh, axis_name=AXIS, scheme=self.scheme, out_dtype=self.out_dtype
             )
@@ -149,7 +155,7 @@ class Ops:
     def row(self, x, p):
         if self.kind == "fp8":
             if self.mesh is None:
-                return dense.fp8_dense_params(x, p, scheme=self.scheme, out_dtype=self.out_dtype)
+                return dense.fp8_dense(x, as_params(p), scheme=self.scheme, out_dtype=self.out_dtype)
             return sharding.row_parallel(
                 x, p, mesh=self.mesh, axis_name=AXIS, scheme=self.scheme, out_dtype=self.out_dtype
             )
@@ -315,7 +321,7 @@ def check(checks: list, name: str, error: float, tolerance: float) -> None:
         raise CorrectnessError(f"{name}: error {error:.3g} exceeds {tolerance:.3g}")
 
 
-def single_quantize(x2, p, scheme: dense.Fp8Scheme):
+def single_quantize(x2, p, scheme: Fp8Scheme):
     fp8_dtype = p["weight"].dtype
     if scheme.is_static:
         return quantization.scaled_fp8_quant(x2, p["input_scale"], fp8_dtype=fp8_dtype)
@@ -326,7 +332,7 @@ def single_quantize(x2, p, scheme: dense.Fp8Scheme):
 def check_row_codes(checks, name, x, p, scheme, mesh):
     """The sharded quantization (pmax of the row amax) gives the single-device codes and scales."""
     x2 = x.reshape(-1, x.shape[-1])
-    params = {k: v for k, v in p.items() if k in ("weight", "input_scale")}
+    params = Fp8Params(p["weight"], p["weight_scale"], p.get("input_scale"))
     codes, scales = jax.jit(
         jax.shard_map(
             lambda xs: sharding._row_quantize(xs, params, scheme, AXIS),
@@ -504,7 +510,7 @@ def benchmark_phase(cfg, blocks, converted, x, meshes, args, weight_granularity)
     for parts, mesh in meshes.items():
         for kind, scheme in [("bf16", None)] + [("fp8", s) for s in SCHEMES]:
             source = blocks if kind == "bf16" else converted[scheme]
-            fp8_scheme = None if kind == "bf16" else dense.Fp8Scheme(weight_granularity, scheme)
+            fp8_scheme = None if kind == "bf16" else Fp8Scheme(weight_granularity, scheme)
             ops = Ops(kind, fp8_scheme, None if parts == 1 else mesh)
             stack = [layout_for(block_params(b, kind), cfg, parts) for b in source]
             stack = [place(p, Ops(kind, fp8_scheme, mesh)) for p in stack]
@@ -578,7 +584,7 @@ def parse_args(argv=None):
     parser.add_argument("--seq", type=int, default=None, help="default 2048 (tiny: 8)")
     parser.add_argument("--layers", type=int, default=None, help="layers per timed stack; default 4 (tiny: 2)")
     parser.add_argument("--tp", type=int, nargs="*", default=None, help="TP sizes; default 1 2 4 8 that fit")
-    parser.add_argument("--weight-granularity", choices=dense.WEIGHT_GRANULARITIES, default="per_channel")
+    parser.add_argument("--weight-granularity", choices=WEIGHT_GRANULARITIES, default="per_channel")
     parser.add_argument("--min-seconds", type=float, default=None, help="per timed figure; default 1.0 (tiny 0)")
     parser.add_argument("--skip-correctness", action="store_true", help="timing only (not for reported runs)")
     args = parser.parse_args(argv)

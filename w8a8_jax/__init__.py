@@ -1,9 +1,11 @@
 """w8a8_jax: FP8 W8A8 linear layers for JAX (vLLM's Fp8LinearOp semantics on XLA and Pallas)."""
 
-from w8a8_jax import checkpoint, convert, linen, nnx, sharding
-from w8a8_jax.dense import Fp8Scheme
+import importlib
+
+from w8a8_jax.dispatch import Plan
 from w8a8_jax.dtypes import FP8_E4M3FN, FP8_E4M3FNUZ, fp8_max
 from w8a8_jax.linear import Fp8LinearOp, bucket_rows
+from w8a8_jax.params import Fp8Params
 from w8a8_jax.platform import fp8_dtype, fused_fp8_supported
 from w8a8_jax.quantization import scaled_fp8_quant
 from w8a8_jax.scaled_mm import (
@@ -13,6 +15,7 @@ from w8a8_jax.scaled_mm import (
     xla_per_tensor_w8a8_scaled_mm,
     xla_per_token_w8a8_scaled_mm,
 )
+from w8a8_jax.scheme import Fp8Scheme
 from w8a8_jax.weight_utils import (
     all_close_1d,
     convert_to_channelwise,
@@ -23,11 +26,23 @@ from w8a8_jax.weight_utils import (
 
 __version__ = "0.1.0"
 
+# The wings load on first use, so `import w8a8_jax` loads neither flax, safetensors nor tqdm.
+_WINGS = ("checkpoint", "convert", "linen", "nnx", "sharding")
+
+
+def __getattr__(name: str):
+    if name in _WINGS:
+        return importlib.import_module(f"w8a8_jax.{name}")
+    raise AttributeError(f"module 'w8a8_jax' has no attribute {name!r}")
+
+
 __all__ = [
     "FP8_E4M3FN",
     "FP8_E4M3FNUZ",
     "Fp8LinearOp",
+    "Fp8Params",
     "Fp8Scheme",
+    "Plan",
     "all_close_1d",
     "bucket_rows",
     "checkpoint",

@@ -6,22 +6,14 @@ import sys
 import time
 from pathlib import Path
 
-WEIGHTS = {"tensor": "per_tensor", "channel": "per_channel"}
-ACTIVATIONS = {"static": "static", "dynamic": "dynamic_per_tensor", "dynamic-token": "dynamic_per_token"}
+from w8a8_jax.scheme import ACTIVATION_NAMES, WEIGHT_NAMES, Fp8Scheme
+from w8a8_jax.table import format_table
 
 
 def _demo(args: argparse.Namespace) -> None:
     from w8a8_jax import demo
 
     demo.main(seed=args.seed)
-
-
-def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
-    rows = [tuple(str(cell) for cell in row) for row in rows]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
 
 
 def _size(nbytes: float) -> str:
@@ -75,8 +67,7 @@ def _quantize(args: argparse.Namespace) -> None:
     if not layers:
         raise ValueError(f"no float 2-D '*.weight' tensor in {args.input} matches --include/--exclude")
     config = checkpoint.QuantizationConfig(
-        WEIGHTS[args.weights],
-        ACTIVATIONS[args.activations],
+        scheme=Fp8Scheme.from_names(args.weights, args.activations),
         ignore=tuple(prefix for prefix in skipped if not re.search(checkpoint.NOT_LINEAR, prefix)),
         form=None if args.format == "auto" else args.format,
     )
@@ -127,7 +118,7 @@ def _quantize(args: argparse.Namespace) -> None:
         )
         for row in rows
     ]
-    print(_table(header, table_rows))
+    print(format_table(header, table_rows))
     bytes_in, bytes_out = sum(r["bytes_in"] for r in rows), sum(r["bytes_out"] for r in rows)
     total_in = sum(source.nbytes(name) for name in source.names)
     print(
@@ -176,7 +167,7 @@ def _inspect(args: argparse.Namespace) -> None:
             fp8_bytes += layer.weight.nbytes + scale.nbytes + (0 if layer.input_scale is None else 4)
             bf16_bytes += layer.weight.size * 2
             bar.update()
-    print(_table(("layer", "shape", "dtype", "scale shape", "weight_scale", "input_scale", "bias"), rows))
+    print(format_table(("layer", "shape", "dtype", "scale shape", "weight_scale", "input_scale", "bias"), rows))
     print(
         f"\n'{config.form}' quantization_config: {config.weight_granularity} weights, {config.activation_scheme} "
         f"activations; {len(rows)} fp8 layers, {len(config.ignore)} left float; {files}, {_size(total)} in all; "
@@ -217,7 +208,7 @@ def _report(args: argparse.Namespace) -> None:
                 ["-", "-"] if r.output_sqnr_db is None else [f"{r.output_sqnr_db:.2f}", f"{r.output_max_rel_error:.3g}"]
             )
         rows.append(tuple(row))
-    print(_table(tuple(header), rows))
+    print(format_table(tuple(header), rows))
     worst = min(reports, key=lambda r: r.weight_sqnr_db)
     summary = f"\n{len(reports)} layers ({config.weight_granularity} weights, {config.activation_scheme}); lowest weight SQNR {worst.weight_sqnr_db:.2f} dB ({worst.layer})"
     if with_outputs:
@@ -245,11 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("output", help="directory to write (atomically; must not exist or be empty)")
     quantize.add_argument(
-        "--weights", choices=WEIGHTS, default="channel", help="weight scale granularity (default channel)"
+        "--weights", choices=WEIGHT_NAMES, default="channel", help="weight scale granularity (default channel)"
     )
     quantize.add_argument(
         "--activations",
-        choices=ACTIVATIONS,
+        choices=ACTIVATION_NAMES,
         default="dynamic-token",
         help="static (calibrated input_scale), dynamic (per tensor) or dynamic-token (default)",
     )

@@ -1,6 +1,6 @@
 """The demo: a Llama-shaped MLP block (gate, up, down) through every fp8 path this backend runs."""
 
-import dataclasses
+import functools
 import time
 from collections.abc import Iterator
 
@@ -8,40 +8,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from w8a8_jax import Fp8LinearOp, platform
-from w8a8_jax.quantization import dynamic_per_tensor_scale, quantize_per_tensor
+from w8a8_jax import dense, platform, quantization
+from w8a8_jax.params import Fp8Params
+from w8a8_jax.scheme import Fp8Scheme
 
 # Llama-3-8B's MLP on an accelerator; a narrower one on CPU so the demo stays under a minute.
 SIZES = {"accelerator": (2048, 4096, 14336), "cpu": (128, 1024, 3584)}  # tokens, hidden, intermediate
 
 
-@dataclasses.dataclass(frozen=True)
-class Scheme:
-    """One way to run the block: activation scheme, weight granularity, fused kernel allowed."""
-
-    name: str
-    static: bool
-    per_token: bool
-    per_channel: bool
-    fused: bool
-
-
+# The schemes the demo runs, each a name and the `Fp8Scheme` of all three layers.
 SCHEMES = [
-    Scheme("dynamic per-tensor x per-tensor W", static=False, per_token=False, per_channel=False, fused=False),
-    Scheme("dynamic per-token x per-channel W", static=False, per_token=True, per_channel=True, fused=False),
-    Scheme("static x per-channel W", static=True, per_token=False, per_channel=True, fused=False),
-    Scheme("fused: dynamic per-token x per-channel W", static=False, per_token=True, per_channel=True, fused=True),
+    ("dynamic per-tensor x per-tensor W", Fp8Scheme("per_tensor", "dynamic_per_tensor", fused=False)),
+    ("dynamic per-token x per-channel W", Fp8Scheme("per_channel", "dynamic_per_token", fused=False)),
+    ("static x per-channel W", Fp8Scheme("per_channel", "static", fused=False)),
+    ("fused: dynamic per-token x per-channel W", Fp8Scheme("per_channel", "dynamic_per_token", fused=True)),
 ]
-
-
-def _quantize_weight(w: np.ndarray, per_channel: bool):
-    """Float `(N, K)` -> fp8 codes and a `(N, 1)` or `(1,)` scale (amax / 448)."""
-    w = jnp.asarray(w)
-    if per_channel:
-        scale = jax.vmap(lambda row: dynamic_per_tensor_scale(row[None], jnp.float8_e4m3fn))(w)[:, None]
-        return jax.vmap(lambda row, s: quantize_per_tensor(row[None], s[0], jnp.float8_e4m3fn)[0])(w, scale), scale
-    scale = dynamic_per_tensor_scale(w, jnp.float8_e4m3fn)
-    return quantize_per_tensor(w, scale, jnp.float8_e4m3fn), scale.reshape(1)
 
 
 def _mlp_float64(x, gate, up, down):
@@ -87,30 +68,30 @@ def run(seed: int = 0) -> Iterator[dict]:
         "error": _rel_error(bf16_block(x_bf16, *bf16_weights), reference),
         "seconds": bf16_time,
     }
-    for scheme in SCHEMES:
+    for name, scheme in SCHEMES:
         if scheme.fused and not platform.fused_fp8_supported():
             continue
-        layers = [_quantize_weight(w, scheme.per_channel) for w in weights]
-        op = Fp8LinearOp(fused_supported=scheme.fused, use_per_token_if_dynamic=scheme.per_token)
         # Static scales from this batch's amax (calibration on the data itself).
-        input_scales = [
-            jnp.array([np.abs(a).max() / 448], jnp.float32) if scheme.static else None
-            for a in _layer_inputs(x, weights)
+        layers = [
+            Fp8Params.create(
+                *quantization.quantize_weight(w, scheme.weight_granularity, jnp.float8_e4m3fn),
+                input_scale=quantization.static_input_scale(np.abs(a).max(), jnp.float8_e4m3fn)
+                if scheme.is_static
+                else None,
+            )
+            for w, a in zip(weights, _layer_inputs(x, weights))
         ]
 
         @jax.jit
-        def fp8_block(x, layers=layers, input_scales=input_scales, op=op):
-            (gw, gs), (uw, us), (dw, ds) = layers
-            h = jax.nn.silu(op.apply(x, gw, gs, input_scale=input_scales[0])) * op.apply(
-                x, uw, us, input_scale=input_scales[1]
-            )
-            return op.apply(h, dw, ds, input_scale=input_scales[2])
+        def fp8_block(x, layers=layers, scheme=scheme):
+            gate, up, down = (functools.partial(dense.fp8_dense, params=p, scheme=scheme) for p in layers)
+            return down(jax.nn.silu(gate(x)) * up(x))
 
         out = fp8_block(x_bf16)
-        path = op.gemm_path(*layers[0], input_scale=input_scales[0])
+        plan = dense.fp8_linear_op(scheme).plan(x_bf16, layers[0].weight, layers[0].weight_scale, layers[0].input_scale)
         yield {
-            "scheme": scheme.name,
-            "path": path.__name__,
+            "scheme": name,
+            "path": plan.gemm,
             "error": _rel_error(out, reference),
             "seconds": _time(fp8_block, x_bf16, repeats=repeats),
         }

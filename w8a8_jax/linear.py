@@ -1,11 +1,15 @@
 """`Fp8LinearOp`: quantize the activation, pick a scaled-GEMM path, run it (vLLM's Fp8LinearOp)."""
 
+import dataclasses
 import functools
+import math
 
 import jax
 import numpy as np
 
-from w8a8_jax import dtypes, platform, quantization, scaled_mm, validation
+from w8a8_jax import dispatch, dtypes, layout, platform, quantization, scaled_mm, validation
+from w8a8_jax.platform import FusedKernel
+from w8a8_jax.scheme import Fp8Scheme
 
 # Smallest row bucket; decode batches below it cost the same as it (the weight read dominates).
 _MIN_BUCKET = 8
@@ -19,34 +23,36 @@ def bucket_rows(m: int) -> int:
     if m <= 64:
         return max(_MIN_BUCKET, 1 << (m - 1).bit_length())
     step = (1 << (m - 1).bit_length()) // (2 * _BUCKETS_PER_OCTAVE)
-    return -(-m // step) * step
+    return layout.round_up(m, step)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "per_token", "fused"))
-def _linear_2d(x, weight, weight_scale, input_scale, input_scale_ub, bias, *, out_dtype, per_token, fused):
-    """`x (M, K)` float or fp8 -> `(M, N)` out_dtype; one program per shape and configuration."""
-    kernel = platform.fused_kernel() if fused else None
-    quantizes_per_row_or_static = not dtypes.is_fp8(x.dtype) and (input_scale is not None or per_token)
-    if kernel is not None and kernel.quant_scaled_mm is not None and quantizes_per_row_or_static:
-        return kernel.quant_scaled_mm(
+@functools.partial(jax.jit, static_argnames=("out_dtype", "plan"))
+def _linear_2d(x, weight, weight_scale, input_scale, input_scale_ub, bias, *, out_dtype, plan: dispatch.Plan):
+    """`x (M, K)` float or fp8 -> `(M, N)` out_dtype, running what `plan` names; one program per
+    shape and plan (the plan is part of the cache key, so a new plan compiles anew)."""
+    if plan.gemm == dispatch.KERNEL_QUANT_SCALED_MM:
+        return plan.kernel.quant_scaled_mm(
             x, weight, weight_scale, input_scale=input_scale, scale_ub=input_scale_ub, bias=bias, out_dtype=out_dtype
         )
-    if dtypes.is_fp8(x.dtype):
+    if plan.quantizer is None:
         qinput, x_scale = x, input_scale
     else:
-        qinput, x_scale = quantization.scaled_fp8_quant(
-            x, input_scale, scale_ub=input_scale_ub, use_per_token_if_dynamic=per_token, fp8_dtype=weight.dtype
+        qinput, x_scale = quantization.run_quantizer(
+            plan.quantizer, plan.kernel, x, input_scale, input_scale_ub, weight.dtype
         )
-    gemm = select_gemm(fused, weight_scale, input_scale, per_token)
-    return gemm(qinput, weight, x_scale, weight_scale, bias, out_dtype)
+    return scaled_mm.run_gemm(plan.gemm, plan.kernel, qinput, weight, x_scale, weight_scale, bias, out_dtype)
 
 
-def select_gemm(fused: bool, weight_scale, input_scale, per_token: bool):
-    """The scaled-GEMM path `dispatch_w8a8_scaled_mm` picks for a layer configured this way."""
-    per_tensor_activations = input_scale is not None or not per_token
-    return scaled_mm.dispatch_w8a8_scaled_mm(
-        fused, validation.is_per_tensor(weight_scale), per_tensor_activations, per_token
-    )
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One call's checked arguments and what the plan needs of them."""
+
+    weight_scale: jax.Array
+    input_scale: jax.Array | None
+    out_dtype: np.dtype
+    scheme: Fp8Scheme
+    rows: int  # M of the input
+    gemm_rows: int  # M the GEMM sees (the bucket, where rows are padded)
 
 
 class Fp8LinearOp:
@@ -54,9 +60,11 @@ class Fp8LinearOp:
 
     >>> op = Fp8LinearOp(use_per_token_if_dynamic=True)
     >>> y = op.apply(x, weight, weight_scale)   # x (..., K) bf16, weight (N, K) fp8 -> y (..., N) bf16
+    >>> op.plan(x, weight, weight_scale)        # which quantizer and GEMM run, and why
 
     Args:
-      fused_supported: allow the fused Pallas kernel; None detects it (`platform.fused_fp8_supported`).
+      fused_supported: allow the fused Pallas kernel (True requires one); None detects it on each
+        call (`platform.fused_kernel`), so a kernel registered later is used from the next call.
       use_per_token_if_dynamic: dynamic activation scales per token `(M, 1)` instead of per tensor.
       pad_output: pad the rows of eagerly called inputs up to a bucket (`bucket_rows`) so that a
         server running many batch sizes compiles a bounded number of programs; the padding is
@@ -70,13 +78,87 @@ class Fp8LinearOp:
         use_per_token_if_dynamic: bool = False,
         pad_output: bool | None = None,
     ):
-        if fused_supported is None:
-            fused_supported = platform.fused_fp8_supported()
-        elif fused_supported and not platform.fused_fp8_supported():
+        if fused_supported and not platform.fused_fp8_supported():
             raise ValueError("fused_supported=True, but no fused fp8 kernel runs on this device")
-        self.fused_supported = fused_supported
+        self._fused_request = fused_supported
         self.use_per_token_if_dynamic = use_per_token_if_dynamic
         self.pad_output = True if pad_output is None else pad_output
+
+    @property
+    def fused_supported(self) -> bool:
+        """Whether the fused kernel may run now (requested and registered for the device)."""
+        return self._kernel() is not None
+
+    def _kernel(self) -> FusedKernel | None:
+        if self._fused_request is False:
+            return None
+        kernel = platform.fused_kernel()
+        if kernel is None and self._fused_request:
+            raise ValueError("fused_supported=True, but no fused fp8 kernel runs on this device")
+        return kernel
+
+    def _check(self, input, weight, weight_scale, out_dtype, input_scale, input_scale_ub, bias, per_token) -> _Call:
+        """Checks one call's arguments at trace time; every error names the argument."""
+        per_token = bool(self.use_per_token_if_dynamic if per_token is None else per_token)
+        validation.check_fp8("weight", weight)
+        n, k = weight.shape
+        if len(input.shape) < 1 or input.shape[-1] != k:
+            raise ValueError(f"input must be (..., K) with K={k} (weight's last dim), got shape {tuple(input.shape)}")
+        if dtypes.is_fp8(input.dtype):
+            if input.dtype != weight.dtype:
+                raise TypeError(f"fp8 input must have weight's dtype {weight.dtype}, got {input.dtype}")
+            if input_scale is None:
+                raise ValueError("fp8 input needs its input_scale")
+        else:
+            validation.check_float_input("input", input)
+        if out_dtype is None:
+            out_dtype = input.dtype if not dtypes.is_fp8(input.dtype) else np.dtype("bfloat16")
+        out_dtype = validation.check_out_dtype(out_dtype)
+        weight_scale = validation.as_scale("weight_scale", weight_scale)
+        validation.check_row_scale("weight_scale", weight_scale, n, "output channel")
+        validation.check_scale_values("weight_scale", weight_scale)
+        if input_scale is not None:
+            input_scale = validation.per_tensor_scale("input_scale", input_scale)
+        if input_scale_ub is not None and (input_scale is not None or not per_token):
+            raise ValueError("input_scale_ub applies only to dynamic per-token quantization")
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        activation = "static" if input_scale is not None else "dynamic_per_token" if per_token else "dynamic_per_tensor"
+        scheme = Fp8Scheme("per_tensor" if validation.is_per_tensor(weight_scale) else "per_channel", activation)
+        rows = math.prod(input.shape[:-1])
+        padded = self.pad_output and not isinstance(input, jax.core.Tracer)
+        return _Call(weight_scale, input_scale, out_dtype, scheme, rows, bucket_rows(rows) if padded else rows)
+
+    def _plan(self, call: _Call, input, weight) -> dispatch.Plan:
+        return dispatch.plan(
+            call.scheme,
+            input_shape=(call.gemm_rows, weight.shape[1]),
+            input_dtype=input.dtype,
+            weight_shape=weight.shape,
+            weight_dtype=weight.dtype,
+            out_dtype=call.out_dtype,
+            kernel=self._kernel(),
+        )
+
+    def plan(
+        self,
+        input,
+        weight: jax.Array,
+        weight_scale: jax.Array,
+        input_scale: jax.Array | None = None,
+        input_scale_ub: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        *,
+        out_dtype=None,
+        use_per_token_if_dynamic: bool | None = None,
+    ) -> dispatch.Plan:
+        """The `dispatch.Plan` `apply` would run for these arguments: `plan.quantizer` and
+        `plan.gemm` name the functions, `plan.reason` says why. `input` may be a
+        `jax.ShapeDtypeStruct` (only its shape and dtype are read)."""
+        call = self._check(
+            input, weight, weight_scale, out_dtype, input_scale, input_scale_ub, bias, use_per_token_if_dynamic
+        )
+        return self._plan(call, input, weight)
 
     def apply(
         self,
@@ -101,54 +183,30 @@ class Fp8LinearOp:
           bias: `(N,)` or None.
           use_per_token_if_dynamic: overrides the op's setting for this call.
         """
-        per_token = self.use_per_token_if_dynamic if use_per_token_if_dynamic is None else use_per_token_if_dynamic
-        validation.check_fp8("weight", weight)
-        n, k = weight.shape
-        if input.ndim < 1 or input.shape[-1] != k:
-            raise ValueError(f"input must be (..., K) with K={k} (weight's last dim), got shape {tuple(input.shape)}")
-        if dtypes.is_fp8(input.dtype):
-            if input.dtype != weight.dtype:
-                raise TypeError(f"fp8 input must have weight's dtype {weight.dtype}, got {input.dtype}")
-            if input_scale is None:
-                raise ValueError("fp8 input needs its input_scale")
-        else:
-            validation.check_float_input("input", input)
-        if out_dtype is None:
-            out_dtype = input.dtype if not dtypes.is_fp8(input.dtype) else np.dtype("bfloat16")
-        out_dtype = validation.check_out_dtype(out_dtype)
-        weight_scale = validation.as_scale("weight_scale", weight_scale)
-        validation.check_row_scale("weight_scale", weight_scale, n, "output channel")
-        validation.check_scale_values("weight_scale", weight_scale)
-        if input_scale is not None:
-            input_scale = validation.per_tensor_scale("input_scale", input_scale)
-        if input_scale_ub is not None and (input_scale is not None or not per_token):
-            raise ValueError("input_scale_ub applies only to dynamic per-token quantization")
-        if bias is not None and tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-
-        x = input.reshape(-1, k)
-        rows = x.shape[0]
-        if self.pad_output and not isinstance(x, jax.core.Tracer):
-            x = jax.numpy.pad(x, ((0, bucket_rows(rows) - rows), (0, 0)))
-        out = _linear_2d(
-            x,
-            weight,
-            weight_scale,
-            input_scale,
-            input_scale_ub,
-            bias,
-            out_dtype=out_dtype,
-            per_token=bool(per_token),
-            fused=self._fused_for(k, n),
+        call = self._check(
+            input, weight, weight_scale, out_dtype, input_scale, input_scale_ub, bias, use_per_token_if_dynamic
         )
-        return out[:rows].reshape(*input.shape[:-1], n)
+        plan = self._plan(call, input, weight)
+        k, n = weight.shape[1], weight.shape[0]
+        x = input.reshape(-1, k)
+        if call.gemm_rows != call.rows:
+            x = jax.numpy.pad(x, ((0, call.gemm_rows - call.rows), (0, 0)))
+        out = _linear_2d(
+            x, weight, call.weight_scale, call.input_scale, input_scale_ub, bias, out_dtype=call.out_dtype, plan=plan
+        )
+        return out[: call.rows].reshape(*input.shape[:-1], n)
 
-    def _fused_for(self, k: int, n: int) -> bool:
-        kernel = platform.fused_kernel() if self.fused_supported else None
-        return kernel is not None and kernel.supports_shape(k, n)
+    def gemm_path(self, weight, weight_scale, input_scale=None, use_per_token_if_dynamic=None, *, input=None):
+        """The scaled-GEMM function `apply` would run for these parameters (for logs and notebooks).
 
-    def gemm_path(self, weight, weight_scale, input_scale=None, use_per_token_if_dynamic=None):
-        """The scaled-GEMM function `apply` would run for these parameters (for logs and notebooks)."""
-        per_token = self.use_per_token_if_dynamic if use_per_token_if_dynamic is None else use_per_token_if_dynamic
+        Where a fused kernel takes the shape, whether it runs depends on M (its measured table):
+        then `input` (an array or `jax.ShapeDtypeStruct`, `(..., K)`) is required.
+        """
         n, k = weight.shape
-        return select_gemm(self._fused_for(k, n), jax.numpy.asarray(weight_scale), input_scale, bool(per_token))
+        probe = input if input is not None else jax.ShapeDtypeStruct((1, k), jax.numpy.bfloat16)
+        plan = self.plan(probe, weight, weight_scale, input_scale, use_per_token_if_dynamic=use_per_token_if_dynamic)
+        if input is None and plan.depends_on_rows:
+            raise ValueError("the fused kernel takes this shape and whether it runs depends on M: pass input=")
+        if plan.gemm == dispatch.KERNEL_QUANT_SCALED_MM:
+            return scaled_mm.fused_w8a8_scaled_mm
+        return getattr(scaled_mm, plan.gemm)

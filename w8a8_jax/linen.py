@@ -6,7 +6,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from w8a8_jax import dense
+from w8a8_jax import dense, quantization
+from w8a8_jax import platform as platform_lib
+from w8a8_jax import scheme as scheme_lib
+from w8a8_jax.params import Fp8Params
+from w8a8_jax.scheme import ActivationScheme, Fp8Scheme, WeightGranularity
 
 default_kernel_init = nn.initializers.lecun_normal()
 
@@ -41,12 +45,15 @@ class Fp8Dense(nn.Module):
       fp8_dtype: float8_e4m3fn or float8_e4m3fnuz; None (default) is the platform's.
       kernel_init: initializer of the float `(K, N)` kernel that is quantized at init.
       bias_init: initializer of the bias.
+      scheme: an `Fp8Scheme` instead of weight_granularity, activation_scheme, scale_ub, fused
+        and fp8_dtype (a field given as well must agree with it); after construction `scheme`
+        always holds the layer's scheme and those fields match it.
     """
 
     features: int
     use_bias: bool = True
-    weight_granularity: dense.WeightGranularity = "per_channel"
-    activation_scheme: dense.ActivationScheme = "dynamic_per_token"
+    weight_granularity: WeightGranularity = "per_channel"
+    activation_scheme: ActivationScheme = "dynamic_per_token"
     scale_ub: float | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -54,10 +61,21 @@ class Fp8Dense(nn.Module):
     fp8_dtype: Any = None
     kernel_init: Any = default_kernel_init
     bias_init: Any = nn.initializers.zeros_init()
+    scheme: Fp8Scheme | None = None
 
-    @property
-    def scheme(self) -> dense.Fp8Scheme:
-        return dense.Fp8Scheme(self.weight_granularity, self.activation_scheme, self.scale_ub, self.fused)
+    def __post_init__(self):
+        scheme = scheme_lib.merge(
+            self.scheme,
+            weight_granularity=self.weight_granularity,
+            activation_scheme=self.activation_scheme,
+            scale_ub=self.scale_ub,
+            fused=self.fused,
+            fp8_dtype=self.fp8_dtype,
+        )
+        # Frozen dataclass fields, set once before linen finishes building the module.
+        for name, value in {**scheme_lib.scheme_fields(scheme), "scheme": scheme}.items():
+            object.__setattr__(self, name, value)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -71,8 +89,8 @@ class Fp8Dense(nn.Module):
             def init(rng):
                 if not quantized:
                     kernel = self.kernel_init(rng, (in_features, self.features), self.param_dtype)
-                    quantized["weight"], quantized["weight_scale"] = dense.quantize_weight(
-                        kernel, scheme.weight_granularity, self.fp8_dtype
+                    quantized["weight"], quantized["weight_scale"] = quantization.quantize_weight(
+                        kernel.T, scheme.weight_granularity, platform_lib.resolve_fp8_dtype(scheme.fp8_dtype)
                     )
                 return quantized[name]
 
@@ -84,15 +102,8 @@ class Fp8Dense(nn.Module):
             self.param("input_scale", nn.initializers.ones_init(), (1,), jnp.float32) if scheme.is_static else None
         )
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        return dense.fp8_dense(
-            inputs,
-            weight=weight,
-            weight_scale=weight_scale,
-            input_scale=input_scale,
-            bias=bias,
-            scheme=scheme,
-            out_dtype=self.dtype,
-        )
+        params = Fp8Params.create(weight, weight_scale, input_scale, bias)
+        return dense.fp8_dense(inputs, params, scheme=scheme, out_dtype=self.dtype)
 
     @classmethod
     def from_dense(
@@ -105,12 +116,10 @@ class Fp8Dense(nn.Module):
     ) -> tuple["Fp8Dense", dict]:
         """Quantizes a float `nn.Dense` kernel `(K, N)` (and bias `(N,)`): returns `(module, variables)`.
 
-        `config` takes the module's fields (weight_granularity, activation_scheme, scale_ub, dtype,
-        fused, fp8_dtype); `input_scale (1,)` is the calibrated scale for the static scheme (1.0 if
-        None). `module.apply(variables, x)` then runs the fp8 layer.
+        `config` takes the module's fields (scheme, or weight_granularity, activation_scheme,
+        scale_ub, fused, fp8_dtype; dtype); `input_scale (1,)` is the calibrated scale for the
+        static scheme (1.0 if None). `module.apply(variables, x)` then runs the fp8 layer.
         """
         module = cls(kernel.shape[1], use_bias=bias is not None, **config)
-        params = dense.fp8_params(
-            kernel, bias, scheme=module.scheme, input_scale=input_scale, fp8_dtype=module.fp8_dtype
-        )
-        return module, {"params": params}
+        params = Fp8Params.from_float(kernel, bias, scheme=module.scheme, input_scale=input_scale)
+        return module, {"params": params.to_dict()}

@@ -8,6 +8,9 @@ import numpy as np
 from flax import nnx
 
 from w8a8_jax import dense
+from w8a8_jax import scheme as scheme_lib
+from w8a8_jax.params import Fp8Params
+from w8a8_jax.scheme import ActivationScheme, Fp8Scheme, WeightGranularity
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
@@ -44,6 +47,8 @@ class Fp8Dense(nnx.Module):
       fp8_dtype: float8_e4m3fn or float8_e4m3fnuz; None (default) is the platform's.
       kernel_init: initializer of the float `(K, N)` kernel that is quantized at init.
       bias_init: initializer of the bias.
+      scheme: an `Fp8Scheme` instead of weight_granularity, activation_scheme, scale_ub, fused
+        and fp8_dtype (a keyword given as well must agree with it).
       rngs: the random streams (`params` draws the kernel).
     """
 
@@ -53,8 +58,8 @@ class Fp8Dense(nnx.Module):
         out_features: int,
         *,
         use_bias: bool = True,
-        weight_granularity: dense.WeightGranularity = "per_channel",
-        activation_scheme: dense.ActivationScheme = "dynamic_per_token",
+        weight_granularity: WeightGranularity = "per_channel",
+        activation_scheme: ActivationScheme = "dynamic_per_token",
         scale_ub: float | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -62,27 +67,45 @@ class Fp8Dense(nnx.Module):
         fp8_dtype: Any = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = default_bias_init,
+        scheme: Fp8Scheme | None = None,
         rngs: nnx.Rngs | None = None,
     ):
-        scheme = dense.Fp8Scheme(weight_granularity, activation_scheme, scale_ub, fused)
+        scheme = scheme_lib.merge(
+            scheme,
+            weight_granularity=weight_granularity,
+            activation_scheme=activation_scheme,
+            scale_ub=scale_ub,
+            fused=fused,
+            fp8_dtype=fp8_dtype,
+        )
         if rngs is None:
             raise TypeError("Fp8Dense needs rngs to draw its weight (or build it with Fp8Dense.from_dense)")
         kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
         bias = bias_init(rngs.params(), (out_features,), param_dtype) if use_bias else None
-        self._set(dense.fp8_params(kernel, bias, scheme=scheme, fp8_dtype=fp8_dtype), scheme, in_features, dtype)
+        self._set(Fp8Params.from_float(kernel, bias, scheme=scheme), scheme, dtype)
 
-    def _set(self, params: dict, scheme: dense.Fp8Scheme, in_features: int, dtype) -> None:
-        self.in_features = in_features
-        self.out_features = int(params["weight"].shape[-2])
+    def _set(self, params: Fp8Params, scheme: Fp8Scheme, dtype) -> None:
+        self.in_features = int(params.weight.shape[-1])
+        self.out_features = int(params.weight.shape[-2])
         self.scheme = scheme
         self.dtype = dtype
         # With dtype None the output is `result_type(input, *_promote_with)`: () keeps the input's
         # dtype; a layer standing in for a float `nnx.Linear` promotes as that layer did.
         self._promote_with: tuple[np.dtype, ...] = ()
-        self.weight = nnx.Param(params["weight"])
-        self.weight_scale = nnx.Param(params["weight_scale"])
-        self.input_scale = nnx.Param(params["input_scale"]) if "input_scale" in params else None
-        self.bias = nnx.Param(params["bias"]) if "bias" in params else None
+        self.weight = nnx.Param(params.weight)
+        self.weight_scale = nnx.Param(params.weight_scale)
+        self.input_scale = None if params.input_scale is None else nnx.Param(params.input_scale)
+        self.bias = None if params.bias is None else nnx.Param(params.bias)
+
+    @property
+    def params(self) -> Fp8Params:
+        """The layer's parameters as one `Fp8Params` (the arrays the `nnx.Param`s hold)."""
+        return Fp8Params(
+            self.weight[...],
+            self.weight_scale[...],
+            None if self.input_scale is None else self.input_scale[...],
+            None if self.bias is None else self.bias[...],
+        )
 
     @classmethod
     def from_dense(
@@ -91,44 +114,44 @@ class Fp8Dense(nnx.Module):
         bias: jax.Array | None = None,
         *,
         input_scale: jax.Array | None = None,
-        weight_granularity: dense.WeightGranularity = "per_channel",
-        activation_scheme: dense.ActivationScheme = "dynamic_per_token",
+        weight_granularity: WeightGranularity = "per_channel",
+        activation_scheme: ActivationScheme = "dynamic_per_token",
         scale_ub: float | None = None,
         dtype: Any = None,
         fused: bool | None = None,
         fp8_dtype: Any = None,
+        scheme: Fp8Scheme | None = None,
     ) -> "Fp8Dense":
         """Quantizes a float `nnx.Linear` kernel `(K, N)` (and bias `(N,)`) into an `Fp8Dense`.
 
         `input_scale (1,)` is the calibrated scale for the static scheme (1.0 if None).
         """
-        scheme = dense.Fp8Scheme(weight_granularity, activation_scheme, scale_ub, fused)
-        params = dense.fp8_params(kernel, bias, scheme=scheme, input_scale=input_scale, fp8_dtype=fp8_dtype)
+        scheme = scheme_lib.merge(
+            scheme,
+            weight_granularity=weight_granularity,
+            activation_scheme=activation_scheme,
+            scale_ub=scale_ub,
+            fused=fused,
+            fp8_dtype=fp8_dtype,
+        )
+        params = Fp8Params.from_float(kernel, bias, scheme=scheme, input_scale=input_scale)
         return cls.from_fp8(params, scheme=scheme, dtype=dtype)
 
     @classmethod
-    def from_fp8(cls, params: dict, *, scheme: dense.Fp8Scheme, dtype: Any = None) -> "Fp8Dense":
-        """Wraps already-quantized parameters (`weight (N, K)` fp8, `weight_scale`, ...) in an `Fp8Dense`.
+    def from_fp8(cls, params: Fp8Params | dict, *, scheme: Fp8Scheme, dtype: Any = None) -> "Fp8Dense":
+        """Wraps already-quantized parameters (an `Fp8Params`, or a dict of its fields) in an `Fp8Dense`.
 
         Parameters with leading axes (`weight (L, N, K)`, `weight_scale (L, 1) | (L, N, 1)`, ...: a
         stack of L layers, as `nnx.vmap` builds it) make a stacked layer to run under `nnx.scan`.
         """
-        out_features, in_features = params["weight"].shape[-2:]
+        if not isinstance(params, Fp8Params):
+            params = Fp8Params.from_dict(params)
+        out_features, in_features = params.weight.shape[-2:]
         # Build the module abstractly (no random draw, no quantization), then put the arrays in.
         layer = nnx.eval_shape(
-            lambda: cls(
-                in_features,
-                out_features,
-                use_bias="bias" in params,
-                weight_granularity=scheme.weight_granularity,
-                activation_scheme=scheme.activation_scheme,
-                scale_ub=scheme.scale_ub,
-                fused=scheme.fused,
-                fp8_dtype=params["weight"].dtype,
-                rngs=nnx.Rngs(0),
-            )
+            lambda: cls(in_features, out_features, use_bias=params.bias is not None, scheme=scheme, rngs=nnx.Rngs(0))
         )
-        layer._set(params, scheme, in_features, dtype)
+        layer._set(params, scheme, dtype)
         return layer
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -136,18 +159,10 @@ class Fp8Dense(nnx.Module):
         out_dtype = self.dtype
         if out_dtype is None and self._promote_with:
             out_dtype = jnp.result_type(inputs.dtype, *self._promote_with)
-        return dense.fp8_dense(
-            inputs,
-            weight=self.weight[...],
-            weight_scale=self.weight_scale[...],
-            input_scale=None if self.input_scale is None else self.input_scale[...],
-            bias=None if self.bias is None else self.bias[...],
-            scheme=self.scheme,
-            out_dtype=out_dtype,
-        )
+        return dense.fp8_dense(inputs, self.params, scheme=self.scheme, out_dtype=out_dtype)
 
 
-def _stand_in(params: dict, *, scheme: dense.Fp8Scheme, layer: nnx.Linear | Fp8Dense) -> Fp8Dense:
+def _stand_in(params: Fp8Params, *, scheme: Fp8Scheme, layer: nnx.Linear | Fp8Dense) -> Fp8Dense:
     """The `Fp8Dense` on `params` that replaces `layer` (a float `nnx.Linear` or an `Fp8Dense`).
 
     It returns what `layer` returned for the same input dtype: `layer.dtype` if set, else for an

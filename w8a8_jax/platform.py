@@ -17,28 +17,44 @@ from w8a8_jax import dtypes
 ScaledMM = Callable[..., jax.Array]
 
 
+def _always(*args) -> bool:
+    return True
+
+
 @dataclasses.dataclass(frozen=True)
 class FusedKernel:
-    """A platform's fused fp8 kernels.
+    """A platform's fused fp8 kernels and what they take: capabilities and measured tables only.
+
+    Which of them runs for a layer and an input is decided in one place, `dispatch.plan`, from these
+    answers; the kernels themselves route nothing.
 
     Attributes:
       scaled_mm: `(qinput, weight, scale_a, scale_b, bias, out_dtype) -> (M, N)`, the signature of
         every scaled-GEMM path.
       supports_device: whether a given `jax.Device` can run the kernels (e.g. compute capability).
-      supports_shape: `(k, n) -> bool`, whether the GEMM takes that contraction and output width;
-        where it does not, the XLA paths run instead.
+      supports_shape: `(k, n) -> bool`, whether the GEMM takes that contraction and output width.
+      faster_than_xla: `(m, k, n) -> bool`, the measured table: whether the GEMM beat XLA's fp8
+        GEMM at that (padded) shape. Where it did not, the plan runs XLA's GEMM of the same math.
+      fp8_dtypes: the fp8 dtypes the kernels take.
       per_token_quant: optional fused dynamic per-token quantizer,
         `(input (M, K), scale_ub (1,) | None, fp8_dtype) -> (q (M, K), scale (M, 1))`.
+      per_token_quant_supports: `(k, input_dtype, fp8_dtype) -> bool`, the inputs it takes.
       quant_scaled_mm: optional GEMM that quantizes its float input itself, static or dynamic
         per-token, with codes identical to `scaled_fp8_quant`'s: `(x (M, K), weight, weight_scale,
-        *, input_scale, scale_ub, bias, out_dtype) -> (M, N)`. `Fp8LinearOp` prefers it.
+        *, input_scale, scale_ub, bias, out_dtype) -> (M, N)`.
+      quant_scaled_mm_supports: `(m, k, n, input_dtype, fp8_dtype, out_dtype, per_token) -> bool`,
+        the shapes it quantizes in-kernel (e.g. a whole row in one block for per-token).
     """
 
     scaled_mm: ScaledMM
     supports_device: Callable[[jax.Device], bool]
-    supports_shape: Callable[[int, int], bool] = lambda k, n: True
+    supports_shape: Callable[[int, int], bool] = _always
+    faster_than_xla: Callable[[int, int, int], bool] = _always
+    fp8_dtypes: tuple[np.dtype, ...] = dtypes.FP8_DTYPES
     per_token_quant: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+    per_token_quant_supports: Callable[..., bool] = _always
     quant_scaled_mm: Callable[..., jax.Array] | None = None
+    quant_scaled_mm_supports: Callable[..., bool] = _always
 
 
 # Kernel packages register themselves on import; these are imported on the first query.
@@ -91,6 +107,14 @@ def fp8_dtype() -> np.dtype:
     if "fp8_dtype" in _overrides:
         return np.dtype(_overrides["fp8_dtype"])
     return np.dtype(dtypes.FP8_E4M3FNUZ if is_rocm() else dtypes.FP8_E4M3FN)
+
+
+def resolve_fp8_dtype(requested) -> np.dtype:
+    """The fp8 dtype `requested`, checked, or the platform's (`fp8_dtype()`) when None."""
+    dtype = fp8_dtype() if requested is None else np.dtype(requested)
+    if not dtypes.is_fp8(dtype):
+        raise TypeError(f"fp8_dtype must be float8_e4m3fn or float8_e4m3fnuz, got {dtype}")
+    return dtype
 
 
 def num_sms() -> int:

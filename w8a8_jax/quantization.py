@@ -6,14 +6,19 @@ For a fp8 dtype with clamp bound `max` (448 for e4m3fn, 224 for e4m3fnuz):
   dynamic per-token:           q = fp8(clamp(x / s_m, -max, max))
       s_m = max(min(amax_m, scale_ub) / max, 1 / (max * 512)), one per row
 All arithmetic is float32; the cast rounds to nearest even. Codes are bit-identical to vLLM's CUDA
-kernels for the same scale.
+kernels for the same scale. Weights (`quantize_weight`), calibrated static scales
+(`static_input_scale`) and every activation path (`quantize_activation`: the op, `scaled_fp8_quant`
+and the row-parallel layer) use these formulas and no others.
 """
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from w8a8_jax import dtypes, platform, validation
+from w8a8_jax import dispatch, dtypes, platform, validation
+from w8a8_jax.platform import FusedKernel
 
 
 def true_divide(numerator, denominator) -> jax.Array:
@@ -37,9 +42,28 @@ def true_divide(numerator, denominator) -> jax.Array:
         return quotient.astype(jnp.float32)
 
 
+AmaxReduce = Callable[[jax.Array], jax.Array]
+
+
 def _to_fp8(scaled: jax.Array, fp8_dtype) -> jax.Array:
     bound = dtypes.fp8_max(fp8_dtype)
     return jnp.clip(scaled, -bound, bound).astype(fp8_dtype)
+
+
+def scale_from_amax(amax: jax.Array, fp8_dtype) -> jax.Array:
+    """`amax / max` in float32 (shape of `amax`); an amax that gives no normal scale gets the floor.
+
+    vLLM leaves s = 0 for an all-zero tensor (then 0 * inf = NaN codes); we take the floor
+    `1 / (max * 512)` instead.
+    """
+    scale = true_divide(jnp.asarray(amax, jnp.float32), jnp.float32(dtypes.fp8_max(fp8_dtype)))
+    return jnp.where(scale >= np.finfo(np.float32).tiny, scale, jnp.float32(dtypes.min_scaling_factor(fp8_dtype)))
+
+
+def static_input_scale(input_amax, fp8_dtype) -> jax.Array:
+    """A calibrated static activation scale `(1,)` float32 from the amax seen over calibration data:
+    the dynamic per-tensor formula applied to it."""
+    return scale_from_amax(jnp.asarray(input_amax, jnp.float32).reshape(1), fp8_dtype)
 
 
 def quantize_per_tensor(x: jax.Array, scale: jax.Array, fp8_dtype) -> jax.Array:
@@ -48,24 +72,32 @@ def quantize_per_tensor(x: jax.Array, scale: jax.Array, fp8_dtype) -> jax.Array:
     return _to_fp8(x.astype(jnp.float32) * inverse_scale, fp8_dtype)
 
 
-def dynamic_per_tensor_scale(x: jax.Array, fp8_dtype) -> jax.Array:
-    """`amax(|x|) / max` as float32 `()`; a tensor whose amax gives no normal scale gets the floor."""
+def quantize_dynamic_per_tensor(
+    x: jax.Array, fp8_dtype, *, reduce_amax: AmaxReduce | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """`x (M, K)` float -> codes `(M, K)` fp8 and one scale `(1,)` float32 from the amax of `x`.
+
+    `reduce_amax` combines the amax with other shards' (e.g. a `pmax` over a row-parallel axis).
+    """
     amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
-    scale = true_divide(amax, jnp.float32(dtypes.fp8_max(fp8_dtype)))
-    # vLLM leaves s = 0 for an all-zero tensor (then 0 * inf = NaN codes); take the floor instead.
-    return jnp.where(scale >= np.finfo(np.float32).tiny, scale, jnp.float32(dtypes.min_scaling_factor(fp8_dtype)))
+    if reduce_amax is not None:
+        amax = reduce_amax(amax)
+    scale = scale_from_amax(amax, fp8_dtype)
+    return quantize_per_tensor(x, scale, fp8_dtype), scale.reshape(1)
 
 
 def quantize_per_token(
-    x: jax.Array, scale_ub: jax.Array | None, fp8_dtype, *, row_amax: jax.Array | None = None
+    x: jax.Array, scale_ub: jax.Array | None, fp8_dtype, *, reduce_amax: AmaxReduce | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """`x (M, K)` float -> codes `(M, K)` fp8 and scales `(M, 1)` float32, one per row.
 
-    `row_amax (M, 1)` float32 replaces the rows' amax of `x` where the rows extend beyond `x`
-    (the K shards of a row-parallel layer, reduced with `pmax`).
+    `reduce_amax` combines each row's amax `(M, 1)` with other shards' (the K shards of a
+    row-parallel layer, reduced with `pmax`).
     """
     x = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x), axis=1, keepdims=True) if row_amax is None else row_amax
+    amax = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+    if reduce_amax is not None:
+        amax = reduce_amax(amax)
     if scale_ub is not None:
         amax = jnp.minimum(amax, scale_ub.reshape(()))
     scale = jnp.maximum(
@@ -73,6 +105,63 @@ def quantize_per_token(
         jnp.float32(dtypes.min_scaling_factor(fp8_dtype)),
     )
     return _to_fp8(true_divide(x, scale), fp8_dtype), scale
+
+
+def quantize_activation(
+    x: jax.Array,
+    activation_scheme: str,
+    *,
+    input_scale: jax.Array | None,
+    scale_ub: jax.Array | None,
+    fp8_dtype,
+    reduce_amax: AmaxReduce | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`x (M, K)` float -> `(codes (M, K), scale)` by the XLA formula of `activation_scheme`.
+
+    "static": `input_scale (1,)` given, returned as the scale; "dynamic_per_tensor": scale `(1,)`;
+    "dynamic_per_token": scales `(M, 1)`, bounded by `scale_ub (1,)` if given.
+    """
+    if activation_scheme == "static":
+        return quantize_per_tensor(x, input_scale.reshape(()), fp8_dtype), input_scale.reshape(1)
+    if activation_scheme == "dynamic_per_tensor":
+        return quantize_dynamic_per_tensor(x, fp8_dtype, reduce_amax=reduce_amax)
+    return quantize_per_token(x, scale_ub, fp8_dtype, reduce_amax=reduce_amax)
+
+
+_SCHEME_OF_XLA_QUANTIZER = {name: scheme for scheme, name in dispatch.XLA_QUANTIZERS.items()}
+
+
+def run_quantizer(
+    name: str,
+    kernel: FusedKernel | None,
+    x: jax.Array,
+    input_scale: jax.Array | None,
+    scale_ub: jax.Array | None,
+    fp8_dtype,
+) -> tuple[jax.Array, jax.Array]:
+    """Runs the quantizer a `dispatch.Plan` names (not "kernel.quant_scaled_mm", which is a GEMM)."""
+    if name == dispatch.KERNEL_PER_TOKEN_QUANT:
+        return kernel.per_token_quant(x, scale_ub, fp8_dtype)
+    return quantize_activation(
+        x, _SCHEME_OF_XLA_QUANTIZER[name], input_scale=input_scale, scale_ub=scale_ub, fp8_dtype=fp8_dtype
+    )
+
+
+def quantize_weight(weight: jax.Array, weight_granularity: str, fp8_dtype) -> tuple[jax.Array, jax.Array]:
+    """A float weight `(N, K)` -> fp8 codes `(N, K)` and float32 `weight_scale`.
+
+    The scale is `amax / fp8_max` over the whole weight (`(1,)`, "per_tensor") or over each output
+    channel (`(N, 1)`, "per_channel"): vLLM's online weight quantization (the dynamic per-tensor
+    formula, or the per-token one on the `(N, K)` rows).
+    """
+    weight = jnp.asarray(weight)
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be (N, K), got shape {tuple(weight.shape)}")
+    if weight_granularity == "per_channel":
+        return quantize_per_token(weight, None, fp8_dtype)
+    if weight_granularity == "per_tensor":
+        return quantize_dynamic_per_tensor(weight, fp8_dtype)
+    raise ValueError(f"weight_granularity must be 'per_tensor' or 'per_channel', got {weight_granularity!r}")
 
 
 def scaled_fp8_quant(
@@ -101,9 +190,7 @@ def scaled_fp8_quant(
       per-tensor) or `(rows, 1)` (dynamic per-token).
     """
     validation.check_float_input("input", input, ndim=2)
-    fp8_dtype = platform.fp8_dtype() if fp8_dtype is None else np.dtype(fp8_dtype)
-    if not dtypes.is_fp8(fp8_dtype):
-        raise TypeError(f"fp8_dtype must be float8_e4m3fn or float8_e4m3fnuz, got {fp8_dtype}")
+    fp8_dtype = platform.resolve_fp8_dtype(fp8_dtype)
     if num_token_padding is not None and (not isinstance(num_token_padding, int) or num_token_padding < 0):
         raise ValueError(f"num_token_padding must be a non-negative int or None, got {num_token_padding!r}")
     per_token = scale is None and use_per_token_if_dynamic
@@ -116,16 +203,10 @@ def scaled_fp8_quant(
 
     if scale is not None:
         scale = validation.per_tensor_scale("scale", scale)
-        q = quantize_per_tensor(input, scale[0], fp8_dtype)
-    elif per_token:
-        kernel = platform.fused_kernel()
-        if kernel is not None and kernel.per_token_quant is not None:
-            q, scale = kernel.per_token_quant(input, scale_ub, fp8_dtype)
-        else:
-            q, scale = quantize_per_token(input, scale_ub, fp8_dtype)
-    else:
-        scale = dynamic_per_tensor_scale(input, fp8_dtype).reshape(1)
-        q = quantize_per_tensor(input, scale[0], fp8_dtype)
+    activation_scheme = "static" if scale is not None else "dynamic_per_token" if per_token else "dynamic_per_tensor"
+    kernel = platform.fused_kernel()
+    quantizer, _ = dispatch.choose_quantizer(activation_scheme, input.shape[1], input.dtype, fp8_dtype, kernel)
+    q, scale = run_quantizer(quantizer, kernel, input, scale, scale_ub, fp8_dtype)
 
     padding = 0 if num_token_padding is None else max(0, num_token_padding - input.shape[0])
     if padding:

@@ -16,33 +16,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from w8a8_jax import dtypes, platform, validation
-
-# Contract K (dim 1) of qinput (M, K) with K (dim 1) of weight (N, K): both operands K-major, the
-# layout fp8 tensor cores and cuBLASLt's fp8 GEMM take without a transpose.
-_CONTRACT_K = (((1,), (1,)), ((), ()))
-
-
-def check_operands(qinput, weight, scale_a, scale_b, bias, out_dtype):
-    """Validates the GEMM operands; returns `(scale_a, scale_b, bias, out_dtype)` normalized."""
-    validation.check_fp8("qinput", qinput)
-    validation.check_fp8("weight", weight)
-    if qinput.dtype != weight.dtype:
-        raise TypeError(f"qinput and weight must share one fp8 dtype, got {qinput.dtype} and {weight.dtype}")
-    (m, k), (n, weight_k) = qinput.shape, weight.shape
-    if weight_k != k:
-        raise ValueError(f"weight must be (N, K) with K={k} (qinput's last dim), got shape {tuple(weight.shape)}")
-    scale_a = validation.as_scale("scale_a", scale_a)
-    scale_b = validation.as_scale("scale_b", scale_b)
-    validation.check_row_scale("scale_a", scale_a, m, "token (row of qinput)")
-    validation.check_row_scale("scale_b", scale_b, n, "output channel (row of weight)")
-    validation.check_scale_values("scale_a", scale_a)
-    validation.check_scale_values("scale_b", scale_b)
-    if bias is not None:
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-        validation.check_float_input("bias", bias)
-    return scale_a, scale_b, bias, validation.check_out_dtype(out_dtype)
+from w8a8_jax import dtypes, layout, platform, validation
+from w8a8_jax.platform import FusedKernel
 
 
 def apply_scales(acc, scale_a, scale_b, bias, out_dtype) -> jax.Array:
@@ -78,14 +53,14 @@ def _fp8_dot(qinput, weight) -> jax.Array:
     """
     cuda = jax.default_backend() == "gpu" and not platform.is_rocm()
     if not cuda or qinput.dtype != dtypes.FP8_E4M3FN:
-        return jax.lax.dot_general(qinput, weight, _CONTRACT_K, preferred_element_type=jnp.float32)
+        return jax.lax.dot_general(qinput, weight, layout.CONTRACT_K, preferred_element_type=jnp.float32)
     if 1 in (qinput.shape[0], weight.shape[0]):
         a, b = _upcast_codes(qinput, weight)
         return jnp.sum(a[:, None, :] * b[None, :, :], axis=-1)
     return jax.lax.dot_general(
         qinput,
         weight,
-        _CONTRACT_K,
+        layout.CONTRACT_K,
         precision=jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32,
         preferred_element_type=jnp.float32,
     )
@@ -93,7 +68,9 @@ def _fp8_dot(qinput, weight) -> jax.Array:
 
 def xla_per_tensor_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype) -> jax.Array:
     """Per-tensor scales only: fp8 `dot_general` (cuBLASLt fp8 on Hopper), scalar scale, bias."""
-    scale_a, scale_b, bias, out_dtype = check_operands(qinput, weight, scale_a, scale_b, bias, out_dtype)
+    scale_a, scale_b, bias, out_dtype = validation.check_gemm_operands(
+        qinput, weight, scale_a, scale_b, bias, out_dtype
+    )
     if not (validation.is_per_tensor(scale_a) and validation.is_per_tensor(scale_b)):
         raise ValueError(
             "xla_per_tensor_w8a8_scaled_mm takes per-tensor scales only, got "
@@ -104,7 +81,9 @@ def xla_per_tensor_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dt
 
 def xla_per_token_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype) -> jax.Array:
     """Rowwise: fp8 `dot_general` to float32, then `(M, 1) x (1, N)` scales and bias in one fusion."""
-    scale_a, scale_b, bias, out_dtype = check_operands(qinput, weight, scale_a, scale_b, bias, out_dtype)
+    scale_a, scale_b, bias, out_dtype = validation.check_gemm_operands(
+        qinput, weight, scale_a, scale_b, bias, out_dtype
+    )
     return apply_scales(_fp8_dot(qinput, weight), scale_a, scale_b, bias, out_dtype)
 
 
@@ -115,13 +94,19 @@ def xla_channelwise_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_d
     inputs of reduced-precision f32 matmuls, and their products in float32. The codes are upcast
     behind an optimization barrier (`_upcast_codes`).
     """
-    scale_a, scale_b, bias, out_dtype = check_operands(qinput, weight, scale_a, scale_b, bias, out_dtype)
-    acc = jax.lax.dot_general(*_upcast_codes(qinput, weight), _CONTRACT_K, preferred_element_type=jnp.float32)
+    scale_a, scale_b, bias, out_dtype = validation.check_gemm_operands(
+        qinput, weight, scale_a, scale_b, bias, out_dtype
+    )
+    acc = jax.lax.dot_general(*_upcast_codes(qinput, weight), layout.CONTRACT_K, preferred_element_type=jnp.float32)
     return apply_scales(acc, scale_a, scale_b, bias, out_dtype)
 
 
 def fused_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype) -> jax.Array:
-    """The platform's fused Pallas GEMM (scales and bias in its epilogue); see `platform`."""
+    """The platform's fused Pallas GEMM (scales and bias in its epilogue); see `platform`.
+
+    Called directly it runs the kernel wherever the kernel takes the shape; `Fp8LinearOp`'s plan
+    also weighs the kernel's measured table (`dispatch.plan`).
+    """
     kernel = platform.fused_kernel()
     if kernel is None:
         device = jax.devices()[0]
@@ -129,10 +114,17 @@ def fused_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype) -> j
             f"no fused fp8 kernel runs on {device.platform} device {device.device_kind!r}; "
             "fused_fp8_supported() is False there: use an xla_* path or dispatch_w8a8_scaled_mm(False, ...)"
         )
-    scale_a, scale_b, bias, out_dtype = check_operands(qinput, weight, scale_a, scale_b, bias, out_dtype)
     k, n = qinput.shape[1], weight.shape[0]
     if not kernel.supports_shape(k, n):
         raise ValueError(f"the fused fp8 kernel does not take K={k}, N={n}; use an xla_* path")
+    return run_kernel_gemm(kernel, qinput, weight, scale_a, scale_b, bias, out_dtype)
+
+
+def run_kernel_gemm(kernel: FusedKernel, qinput, weight, scale_a, scale_b, bias, out_dtype) -> jax.Array:
+    """`kernel.scaled_mm` on validated operands."""
+    scale_a, scale_b, bias, out_dtype = validation.check_gemm_operands(
+        qinput, weight, scale_a, scale_b, bias, out_dtype
+    )
     return kernel.scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype)
 
 
@@ -154,3 +146,16 @@ def dispatch_w8a8_scaled_mm(
     if use_per_token_if_dynamic and not per_tensor_weights and not per_tensor_activations:
         return xla_per_token_w8a8_scaled_mm
     return xla_channelwise_w8a8_scaled_mm
+
+
+_XLA_PATHS = {
+    path.__name__: path
+    for path in (xla_per_tensor_w8a8_scaled_mm, xla_per_token_w8a8_scaled_mm, xla_channelwise_w8a8_scaled_mm)
+}
+
+
+def run_gemm(name: str, kernel: FusedKernel | None, qinput, weight, scale_a, scale_b, bias, out_dtype) -> jax.Array:
+    """Runs the GEMM path a `dispatch.Plan` names, the fused one on the plan's `kernel`."""
+    if name == fused_w8a8_scaled_mm.__name__:
+        return run_kernel_gemm(kernel, qinput, weight, scale_a, scale_b, bias, out_dtype)
+    return _XLA_PATHS[name](qinput, weight, scale_a, scale_b, bias, out_dtype)

@@ -10,6 +10,7 @@ Codes and scales then equal the single-device layer's exactly; outputs differ on
 summation order.
 """
 
+import functools
 from typing import Literal
 
 import jax
@@ -18,87 +19,82 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from w8a8_jax import dense, quantization, scaled_mm, validation
 from w8a8_jax import nnx as fp8_nnx
+from w8a8_jax.params import Fp8Params
+from w8a8_jax.scheme import Fp8Scheme
 
 Mode = Literal["column", "row"]
 
 
-def _params_and_scheme(layer, scheme: dense.Fp8Scheme | None) -> tuple[dict, dense.Fp8Scheme]:
+def _params_and_scheme(layer, scheme: Fp8Scheme | None) -> tuple[Fp8Params, Fp8Scheme]:
+    """An nnx `Fp8Dense`'s params and scheme, or `Fp8Params` (or a dict of its fields) with `scheme`."""
     if isinstance(layer, fp8_nnx.Fp8Dense):
-        params = {"weight": layer.weight[...], "weight_scale": layer.weight_scale[...]}
-        if layer.input_scale is not None:
-            params["input_scale"] = layer.input_scale[...]
-        if layer.bias is not None:
-            params["bias"] = layer.bias[...]
-        return params, scheme or layer.scheme
+        return layer.params, scheme or layer.scheme
     if scheme is None:
-        raise ValueError("a parameter dict needs its scheme (dense.Fp8Scheme)")
-    return dict(layer), scheme
+        raise ValueError("fp8 parameters need their scheme (an Fp8Scheme)")
+    return (layer if isinstance(layer, Fp8Params) else Fp8Params.from_dict(layer)), scheme
 
 
-def param_specs(params: dict, axis_name: str, mode: Mode) -> dict[str, PartitionSpec]:
-    """PartitionSpecs of an `Fp8Dense`'s parameters: scales sharded with the axis they belong to.
+def param_specs(params: Fp8Params, axis_name: str, mode: Mode) -> Fp8Params:
+    """PartitionSpecs of an `Fp8Dense`'s parameters (an `Fp8Params` of specs): scales sharded with
+    the axis they belong to.
 
-    "column": `weight` and a per-channel `weight_scale` (`(N, 1)` or `(N,)`) split on N, `bias` on
-    N. "row": `weight` split on K; scales and bias (all per output channel or per tensor) replicated.
+    "column": `weight` and a per-channel `weight_scale` (`(N, 1)`) split on N, `bias` on N. "row":
+    `weight` split on K; scales and bias (all per output channel or per tensor) replicated.
     """
     if mode not in ("column", "row"):
         raise ValueError(f"mode must be 'column' or 'row', got {mode!r}")
-    specs = {}
-    for name, value in params.items():
-        if name == "weight":
-            specs[name] = PartitionSpec(axis_name, None) if mode == "column" else PartitionSpec(None, axis_name)
-        elif mode == "column" and name == "bias":
-            specs[name] = PartitionSpec(axis_name)
-        elif mode == "column" and name == "weight_scale" and not validation.is_per_tensor(value):
-            specs[name] = PartitionSpec(axis_name, *(None,) * (value.ndim - 1))
-        else:
-            specs[name] = PartitionSpec()
-    return specs
+    column = mode == "column"
+    per_channel = not validation.is_per_tensor(params.weight_scale)
+    return Fp8Params(
+        weight=PartitionSpec(axis_name, None) if column else PartitionSpec(None, axis_name),
+        weight_scale=PartitionSpec(axis_name, None) if column and per_channel else PartitionSpec(),
+        input_scale=None if params.input_scale is None else PartitionSpec(),
+        bias=None if params.bias is None else PartitionSpec(axis_name) if column else PartitionSpec(),
+    )
 
 
-def shard_params(layer, mesh: Mesh, axis_name: str, mode: Mode, *, scheme: dense.Fp8Scheme | None = None) -> dict:
-    """Places an `Fp8Dense`'s parameters (a dict, or an nnx `Fp8Dense`) on `mesh` per `param_specs`."""
-    params, _ = _params_and_scheme(layer, scheme or dense.Fp8Scheme())
+def shard_params(layer, mesh: Mesh, axis_name: str, mode: Mode, *, scheme: Fp8Scheme | None = None) -> Fp8Params:
+    """Places an `Fp8Dense`'s parameters (an nnx `Fp8Dense`, `Fp8Params` or a dict) on `mesh` per `param_specs`."""
+    params, _ = _params_and_scheme(layer, scheme or Fp8Scheme())
     specs = param_specs(params, axis_name, mode)
-    return {name: jax.device_put(value, NamedSharding(mesh, specs[name])) for name, value in params.items()}
+    return jax.tree.map(lambda value, spec: jax.device_put(value, NamedSharding(mesh, spec)), params, specs)
 
 
 def column_parallel(
-    inputs: jax.Array, layer, *, mesh: Mesh, axis_name: str, scheme: dense.Fp8Scheme | None = None, out_dtype=None
+    inputs: jax.Array, layer, *, mesh: Mesh, axis_name: str, scheme: Fp8Scheme | None = None, out_dtype=None
 ) -> jax.Array:
     """`inputs (..., K)` replicated -> `(..., N)` sharded on N over `axis_name`; each shard runs `fp8_dense`.
 
-    `layer` is an nnx `Fp8Dense` or a parameter dict with its `scheme`. N must divide by the axis size.
+    `layer` is an nnx `Fp8Dense`, or `Fp8Params` with its `scheme`. N must divide by the axis size.
     """
     params, scheme = _params_and_scheme(layer, scheme)
     specs = param_specs(params, axis_name, "column")
     lead = (None,) * (inputs.ndim - 1)
 
     def local(x, shard):
-        return dense.fp8_dense_params(x, shard, scheme=scheme, out_dtype=out_dtype)
+        return dense.fp8_dense(x, shard, scheme=scheme, out_dtype=out_dtype)
 
     return jax.shard_map(
         local, mesh=mesh, in_specs=(PartitionSpec(), specs), out_specs=PartitionSpec(*lead, axis_name)
     )(inputs, params)
 
 
-def _row_quantize(x, params, scheme: dense.Fp8Scheme, axis_name: str):
-    """This shard's codes `(M, K/P)` and the activation scale of the whole row, `(1,)` or `(M, 1)`."""
-    fp8_dtype = params["weight"].dtype
-    if scheme.is_static:
-        input_scale = params["input_scale"].reshape(1)
-        return quantization.quantize_per_tensor(x, input_scale[0], fp8_dtype), input_scale
-    if scheme.activation_scheme == "dynamic_per_tensor":
-        amax = jax.lax.pmax(jnp.max(jnp.abs(x)).astype(jnp.float32), axis_name)
-        input_scale = quantization.dynamic_per_tensor_scale(amax.reshape(1), fp8_dtype).reshape(1)
-        return quantization.quantize_per_tensor(x, input_scale[0], fp8_dtype), input_scale
-    row_amax = jax.lax.pmax(jnp.max(jnp.abs(x), axis=1, keepdims=True).astype(jnp.float32), axis_name)
+def _row_quantize(x, params: Fp8Params, scheme: Fp8Scheme, axis_name: str):
+    """This shard's codes `(M, K/P)` and the activation scale of the whole row, `(1,)` or `(M, 1)`:
+    the layer's formula with each amax reduced over the shards (`pmax`)."""
     scale_ub = None if scheme.scale_ub is None else jnp.full((1,), scheme.scale_ub, jnp.float32)
-    return quantization.quantize_per_token(x, scale_ub, fp8_dtype, row_amax=row_amax)
+    return quantization.quantize_activation(
+        x,
+        scheme.activation_scheme,
+        input_scale=params.input_scale,
+        scale_ub=scale_ub,
+        fp8_dtype=params.weight.dtype,
+        reduce_amax=functools.partial(jax.lax.pmax, axis_name=axis_name),
+    )
 
 
 def row_parallel(
-    inputs: jax.Array, layer, *, mesh: Mesh, axis_name: str, scheme: dense.Fp8Scheme | None = None, out_dtype=None
+    inputs: jax.Array, layer, *, mesh: Mesh, axis_name: str, scheme: Fp8Scheme | None = None, out_dtype=None
 ) -> jax.Array:
     """`inputs (..., K)` sharded on K over `axis_name` -> `(..., N)` replicated.
 
@@ -109,17 +105,17 @@ def row_parallel(
     validation.check_float_input("inputs", inputs)
     specs = param_specs(params, axis_name, "row")
     lead = (None,) * (inputs.ndim - 1)
-    n = params["weight"].shape[0]
+    n = params.weight.shape[0]
     out_dtype = validation.check_out_dtype(inputs.dtype if out_dtype is None else out_dtype)
 
-    def local(x, shard):
+    def local(x, shard: Fp8Params):
         x2 = x.reshape(-1, x.shape[-1])
         codes, input_scale = _row_quantize(x2, shard, scheme, axis_name)
         one = jnp.ones((1,), jnp.float32)
         # Unit scales and float32 output: the raw accumulator of this shard's K slice.
-        partial = scaled_mm.xla_per_tensor_w8a8_scaled_mm(codes, shard["weight"], one, one, None, jnp.float32)
+        partial = scaled_mm.xla_per_tensor_w8a8_scaled_mm(codes, shard.weight, one, one, None, jnp.float32)
         acc = jax.lax.psum(partial, axis_name)
-        out = scaled_mm.apply_scales(acc, input_scale, shard["weight_scale"], shard.get("bias"), out_dtype)
+        out = scaled_mm.apply_scales(acc, input_scale, shard.weight_scale, shard.bias, out_dtype)
         return out.reshape(*x.shape[:-1], n)
 
     # The per-token scales derive from the pmax'd amax, so they (and the output) are the same on

@@ -77,3 +77,29 @@ def check_row_scale(name: str, scale: jax.Array, rows: int, what: str) -> None:
     raise ValueError(
         f"{name} must be per-tensor (shape (1,)) or one per {what} (shape ({rows}, 1)), got shape {tuple(scale.shape)}"
     )
+
+
+def check_gemm_operands(qinput, weight, scale_a, scale_b, bias, out_dtype):
+    """Validates a scaled GEMM's operands; returns `(scale_a, scale_b, bias, out_dtype)` normalized.
+
+    `qinput (M, K)` and `weight (N, K)` of one fp8 dtype; scales per tensor or one per row of their
+    operand, finite and > 0 where concrete; `bias (N,)` float or None; out_dtype bf16/f16/f32.
+    """
+    check_fp8("qinput", qinput)
+    check_fp8("weight", weight)
+    if qinput.dtype != weight.dtype:
+        raise TypeError(f"qinput and weight must share one fp8 dtype, got {qinput.dtype} and {weight.dtype}")
+    (m, k), (n, weight_k) = qinput.shape, weight.shape
+    if weight_k != k:
+        raise ValueError(f"weight must be (N, K) with K={k} (qinput's last dim), got shape {tuple(weight.shape)}")
+    scale_a = as_scale("scale_a", scale_a)
+    scale_b = as_scale("scale_b", scale_b)
+    check_row_scale("scale_a", scale_a, m, "token (row of qinput)")
+    check_row_scale("scale_b", scale_b, n, "output channel (row of weight)")
+    check_scale_values("scale_a", scale_a)
+    check_scale_values("scale_b", scale_b)
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        check_float_input("bias", bias)
+    return scale_a, scale_b, bias, check_out_dtype(out_dtype)

@@ -91,3 +91,49 @@ def normalize_e4m3fn_to_e4m3fnuz(
     if input_scale is not None:
         input_scale = validation.as_scale("input_scale", input_scale) * 2.0
     return weight, weight_scale, input_scale
+
+
+def fuse_fp8_shards(
+    shards: Sequence[tuple[jax.Array, jax.Array]], weight_granularity: str
+) -> tuple[jax.Array, jax.Array]:
+    """Stacks fp8 shards (Q, K, V or gate, up) into one fused `(sum N_i, K)` weight, as vLLM loads them.
+
+    Args:
+      shards: `(weight (N_i, K) fp8, weight_scale)` per shard; scales `(1,)` (or scalar) per tensor,
+        or `(N_i, 1)` per channel.
+      weight_granularity: "per_tensor": per-tensor shard scales become their max and the shards are
+        requantized to it (`requantize_with_max_scale`); "per_channel": per-tensor shard scales are
+        expanded to one per row (`convert_to_channelwise`, codes unchanged) and concatenated with
+        the per-channel ones.
+
+    Returns:
+      `(weight (sum N_i, K) fp8, weight_scale (1,) | (sum N_i, 1) float32)`.
+    """
+    if weight_granularity not in ("per_tensor", "per_channel"):
+        raise ValueError(f"weight_granularity must be 'per_tensor' or 'per_channel', got {weight_granularity!r}")
+    if not shards:
+        raise ValueError("shards must hold at least one (weight, weight_scale) pair")
+    weights = [w for w, _ in shards]
+    scales = [jnp.asarray(s, jnp.float32) for _, s in shards]
+    widths = [int(w.shape[0]) for w in weights]
+    weight = jnp.concatenate(weights, axis=0)
+    per_tensor_shards = all(s.size == 1 for s in scales)
+    if weight_granularity == "per_tensor":
+        if not per_tensor_shards:
+            raise ValueError("weight_granularity='per_tensor' needs per-tensor shard scales (one value each)")
+        max_scale, weight = requantize_with_max_scale(weight, jnp.stack([s.reshape(()) for s in scales]), widths)
+        return weight, max_scale.reshape(1)
+    if per_tensor_shards:
+        return weight, convert_to_channelwise(jnp.stack([s.reshape(()) for s in scales]), widths)
+    row_scales = []
+    for index, (scale, rows) in enumerate(zip(scales, widths)):
+        if scale.size == 1:  # a per-tensor shard among per-channel ones: one scale per row
+            row_scales.append(convert_to_channelwise(scale.reshape(1), [rows]))
+        elif scale.size == rows:
+            row_scales.append(scale.reshape(rows, 1))
+        else:
+            raise ValueError(
+                f"shard {index}: weight_scale of shape {tuple(scale.shape)} is neither per tensor nor per "
+                f"channel for its {rows} rows"
+            )
+    return weight, jnp.concatenate(row_scales, axis=0)

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from tests import reference
-from w8a8_jax import convert, dense
+from w8a8_jax import Fp8Params, Fp8Scheme, convert, weight_utils
 from w8a8_jax import linen as fp8_linen
 from w8a8_jax import nnx as fp8_nnx
 
@@ -58,8 +58,8 @@ def test_rules_first_match_wins_and_unmatched_stay_float(key):
     ]
     convert.quantize_nnx(model, rules)
     assert isinstance(model.lm_head, nnx.Linear) and isinstance(model.up, nnx.Linear)  # up: no rule matches
-    assert model.layers[1].scheme == dense.Fp8Scheme("per_tensor", "dynamic_per_tensor")
-    assert model.layers[0].scheme == dense.Fp8Scheme()
+    assert model.layers[1].scheme == Fp8Scheme("per_tensor", "dynamic_per_tensor", fp8_dtype=FP8)
+    assert model.layers[0].scheme == Fp8Scheme(fp8_dtype=FP8)
     assert model.layers[0].weight_scale[...].shape == (48, 1)
     assert convert.find_rule(rules, "xlayers/0") is None  # fullmatch, not search
 
@@ -122,7 +122,7 @@ def test_fused_shards_follow_vllm(key, weight_granularity):
     widths = (32, 16, 16)
     kernel = np.array(jax.random.normal(key, (24, sum(widths)), jnp.float32))
     kernel[:, 32:48] *= 4  # shards with different ranges, so their scales differ
-    params = dense.fp8_params(jnp.asarray(kernel), scheme=dense.Fp8Scheme(weight_granularity), shard_widths=widths)
+    params = Fp8Params.from_float(jnp.asarray(kernel), scheme=Fp8Scheme(weight_granularity), shard_widths=widths)
     shards = [reference.quant_dynamic_per_tensor(part.T) for part in np.split(kernel, np.cumsum(widths)[:-1], axis=1)]
     scales = np.concatenate([s for _, s in shards])
     if weight_granularity == "per_tensor":
@@ -133,8 +133,8 @@ def test_fused_shards_follow_vllm(key, weight_granularity):
     else:
         codes = np.concatenate([c for c, _ in shards])
         expected_scale = np.repeat(scales, widths)[:, None]
-    np.testing.assert_array_equal(np.asarray(params["weight"]).view(np.uint8), codes.view(np.uint8))
-    np.testing.assert_array_equal(np.asarray(params["weight_scale"]), expected_scale)
+    np.testing.assert_array_equal(np.asarray(params.weight).view(np.uint8), codes.view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(params.weight_scale), expected_scale)
 
 
 class LinenModel(nn.Module):
@@ -401,7 +401,9 @@ def test_fuse_mixed_per_tensor_and_per_channel_shards(key):
         shards.append(
             reference.quant_dynamic_per_tensor(weight) if i != 1 else reference.quant_dynamic_per_token(weight)
         )
-    weight, weight_scale = dense.fuse_fp8_shards([(jnp.asarray(c), jnp.asarray(s)) for c, s in shards], "per_channel")
+    weight, weight_scale = weight_utils.fuse_fp8_shards(
+        [(jnp.asarray(c), jnp.asarray(s)) for c, s in shards], "per_channel"
+    )
     expected_scale = np.concatenate(
         [np.broadcast_to(s.reshape(-1, 1), (rows, 1)) for (_, s), rows in zip(shards, widths)]
     )
@@ -410,4 +412,4 @@ def test_fuse_mixed_per_tensor_and_per_channel_shards(key):
     np.testing.assert_array_equal(np.asarray(weight).view(np.uint8), codes.view(np.uint8))  # codes unchanged
     bad = [shards[0], (shards[1][0], shards[1][1][:5])]
     with pytest.raises(ValueError, match=r"shard 1: weight_scale of shape \(5, 1\)"):
-        dense.fuse_fp8_shards([(jnp.asarray(c), jnp.asarray(s)) for c, s in bad], "per_channel")
+        weight_utils.fuse_fp8_shards([(jnp.asarray(c), jnp.asarray(s)) for c, s in bad], "per_channel")

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tests import reference
-from w8a8_jax import dense, sharding
+from w8a8_jax import Fp8Params, Fp8Scheme, sharding
 from w8a8_jax import nnx as fp8_nnx
 
 SCHEMES = [(w, a) for w in ("per_tensor", "per_channel") for a in ("static", "dynamic_per_tensor", "dynamic_per_token")]
@@ -69,8 +69,8 @@ def test_row_parallel_per_token_uses_whole_row_amax(key, mesh):
     """Without the pmax each shard would scale by its own amax; check the scales the shards use."""
     _, x = make_layer(key, "per_channel", "dynamic_per_token")
     x2 = x.reshape(-1, 128)
-    scheme = dense.Fp8Scheme("per_channel", "dynamic_per_token", scale_ub=8.0)
-    params = {"weight": jnp.zeros((4, 128), jnp.float8_e4m3fn)}
+    scheme = Fp8Scheme("per_channel", "dynamic_per_token", scale_ub=8.0)
+    params = Fp8Params.create(jnp.ones((4, 128), jnp.float8_e4m3fn), jnp.ones((4, 1)))
     codes, scales = jax.shard_map(
         lambda xs: sharding._row_quantize(xs, params, scheme, "tp"),
         mesh=mesh,
@@ -86,12 +86,12 @@ def test_row_parallel_per_token_uses_whole_row_amax(key, mesh):
 def test_param_specs_shard_scales_with_their_axis(mesh, key):
     layer, _ = make_layer(key, "per_channel", "static")
     placed = sharding.shard_params(layer, mesh, "tp", "column")
-    assert placed["weight"].sharding.spec == PartitionSpec("tp", None)
-    assert placed["weight_scale"].sharding.spec == PartitionSpec("tp", None)
-    assert placed["bias"].sharding.spec == PartitionSpec("tp")
-    assert placed["input_scale"].sharding.spec == PartitionSpec()
+    assert placed.weight.sharding.spec == PartitionSpec("tp", None)
+    assert placed.weight_scale.sharding.spec == PartitionSpec("tp", None)
+    assert placed.bias.sharding.spec == PartitionSpec("tp")
+    assert placed.input_scale.sharding.spec == PartitionSpec()
     row = sharding.param_specs(sharding.shard_params(layer, mesh, "tp", "row"), "tp", "row")
-    assert row["weight"] == PartitionSpec(None, "tp") and row["weight_scale"] == PartitionSpec()
+    assert row.weight == PartitionSpec(None, "tp") and row.weight_scale == PartitionSpec()
 
 
 def test_column_parallel_takes_a_one_dimensional_per_channel_scale(key, mesh):
@@ -99,7 +99,7 @@ def test_column_parallel_takes_a_one_dimensional_per_channel_scale(key, mesh):
     layer, x = make_layer(key, "per_channel", "dynamic_per_token")
     params = {name: getattr(layer, name)[...] for name in ("weight", "weight_scale", "bias")}
     params["weight_scale"] = params["weight_scale"].reshape(-1)
-    assert sharding.param_specs(params, "tp", "column")["weight_scale"] == PartitionSpec("tp")
+    assert sharding.param_specs(Fp8Params.from_dict(params), "tp", "column").weight_scale == PartitionSpec("tp", None)
     sharded = jax.jit(lambda x: sharding.column_parallel(x, params, mesh=mesh, axis_name="tp", scheme=layer.scheme))(x)
     w_codes = np.asarray(params["weight"])
     x_codes, x_scale = reference.quant_dynamic_per_token(np.asarray(x).reshape(-1, 128))

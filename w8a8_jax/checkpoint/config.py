@@ -10,13 +10,14 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from w8a8_jax import dense
+from w8a8_jax import scheme as scheme_lib
+from w8a8_jax.scheme import ActivationScheme, Fp8Scheme, WeightGranularity
 
 ConfigForm = Literal["fp8", "compressed-tensors"]
 CONFIG_FORMS = ("fp8", "compressed-tensors")
 
-# compressed-tensors strategy names <-> ours.
-_CT_WEIGHT_STRATEGY = {"tensor": "per_tensor", "channel": "per_channel"}
+# compressed-tensors strategy names <-> ours (its weight strategies are the command line's names).
+_CT_WEIGHT_STRATEGY = scheme_lib.WEIGHT_NAMES
 _CT_INPUT_STRATEGY = {
     ("tensor", False): "static",
     ("tensor", True): "dynamic_per_tensor",
@@ -34,15 +35,23 @@ class QuantizationConfig:
       ignore: checkpoint prefixes of linear layers left in float.
       form: "fp8" or "compressed-tensors"; None picks "fp8" where it can express the scheme
         (per-tensor weights, static or dynamic per-tensor activations), else compressed-tensors.
+      scheme: an `Fp8Scheme` instead of weight_granularity and activation_scheme (a field given as
+        well must agree); after construction it always holds the checkpoint's scheme.
     """
 
-    weight_granularity: dense.WeightGranularity = "per_channel"
-    activation_scheme: dense.ActivationScheme = "dynamic_per_token"
+    weight_granularity: WeightGranularity = "per_channel"
+    activation_scheme: ActivationScheme = "dynamic_per_token"
     ignore: tuple[str, ...] = ()
     form: ConfigForm | None = None
+    scheme: Fp8Scheme | None = None
 
     def __post_init__(self):
-        dense.Fp8Scheme(self.weight_granularity, self.activation_scheme)  # validates both names
+        scheme = scheme_lib.merge(
+            self.scheme, weight_granularity=self.weight_granularity, activation_scheme=self.activation_scheme
+        )
+        object.__setattr__(self, "scheme", scheme)
+        object.__setattr__(self, "weight_granularity", scheme.weight_granularity)
+        object.__setattr__(self, "activation_scheme", scheme.activation_scheme)
         if self.form is None:
             object.__setattr__(self, "form", "fp8" if self._fp8_form_fits() else "compressed-tensors")
         if self.form not in CONFIG_FORMS:
@@ -57,10 +66,6 @@ class QuantizationConfig:
 
     def _fp8_form_fits(self) -> bool:
         return self.weight_granularity == "per_tensor" and self.activation_scheme != "dynamic_per_token"
-
-    @property
-    def scheme(self) -> dense.Fp8Scheme:
-        return dense.Fp8Scheme(self.weight_granularity, self.activation_scheme)
 
     @property
     def is_static(self) -> bool:

@@ -4,7 +4,7 @@ A name map takes a module path ("/"-joined, as `convert` names layers, e.g.
 "encoder/layers/0/attention/qkv") to its checkpoint prefix ("encoder.layer.0.attention.self.query"),
 or, for a fused projection (QKV, gate/up), to the list of its shards' prefixes in output order.
 Without a map a path maps to itself with "/" replaced by ".". Fused shards are stored separately,
-each with its own scales, and fused on load as vLLM does (`dense.fuse_fp8_shards`: per-tensor
+each with its own scales, and fused on load as vLLM does (`weight_utils.fuse_fp8_shards`: per-tensor
 scales become their max and the shards are requantized to it; per-channel scales concatenate);
 their static `input_scale`s become their max.
 """
@@ -12,16 +12,17 @@ their static `input_scale`s become their max.
 from collections.abc import Iterator, Mapping, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from w8a8_jax import convert, dense, dtypes, weight_utils
+from w8a8_jax import dtypes, module_tree, platform, weight_utils
 from w8a8_jax import nnx as fp8_nnx
 from w8a8_jax.checkpoint.config import QuantizationConfig
 from w8a8_jax.checkpoint.layers import Fp8LayerTensors, read_fp8_layer, read_quantization_config
 from w8a8_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
+from w8a8_jax.convert.linen import LinenFp8Model
+from w8a8_jax.params import Fp8Params
 
 NameMap = Mapping[str, str | Sequence[str]]
 
@@ -35,7 +36,7 @@ def _prefixes(names: NameMap | None, path: str) -> list[str]:
 
 def fused_params(
     checkpoint: SafetensorsCheckpoint, prefixes: Sequence[str], config: QuantizationConfig, fp8_dtype=None
-) -> dict[str, jax.Array]:
+) -> Fp8Params:
     """The `Fp8Dense` parameters of one layer stored under `prefixes` (one, or a fused layer's shards)."""
     return _fuse([read_fp8_layer(checkpoint, prefix, config) for prefix in prefixes], config, fp8_dtype)
 
@@ -48,7 +49,7 @@ def _module_params(
     *,
     path: str,
     has_bias: bool,
-) -> dict[str, jax.Array]:
+) -> Fp8Params:
     """`fused_params` for the module at `path`: every shard must have a bias exactly if the module has one."""
     layers = [read_fp8_layer(checkpoint, prefix, config) for prefix in prefixes]
     for layer in layers:
@@ -60,7 +61,7 @@ def _module_params(
     return _fuse(layers, config, fp8_dtype)
 
 
-def _fuse(layers: Sequence[Fp8LayerTensors], config: QuantizationConfig, fp8_dtype) -> dict[str, jax.Array]:
+def _fuse(layers: Sequence[Fp8LayerTensors], config: QuantizationConfig, fp8_dtype) -> Fp8Params:
     """One layer's `Fp8Dense` parameters from its shards' validated tensors (one shard: unchanged)."""
     prefixes = [layer.prefix for layer in layers]
     widths = {layer.weight.shape[1] for layer in layers}
@@ -71,21 +72,22 @@ def _fuse(layers: Sequence[Fp8LayerTensors], config: QuantizationConfig, fp8_dty
     if len(layers) == 1:
         params = layers[0].params()
     else:
-        weight, weight_scale = dense.fuse_fp8_shards(
+        weight, weight_scale = weight_utils.fuse_fp8_shards(
             [(jnp.asarray(layer.weight), jnp.asarray(layer.weight_scale)) for layer in layers],
             config.weight_granularity,
         )
-        params = {"weight": weight, "weight_scale": weight_scale}
+        input_scale = None
         if config.is_static:
-            params["input_scale"] = jnp.max(jnp.stack([jnp.asarray(layer.input_scale) for layer in layers])).reshape(1)
+            input_scale = jnp.max(jnp.stack([jnp.asarray(layer.input_scale) for layer in layers])).reshape(1)
+        bias = None
         if layers[0].bias is not None:
-            params["bias"] = jnp.concatenate([jnp.asarray(layer.bias) for layer in layers])
-    if dense.resolve_fp8_dtype(fp8_dtype) == np.dtype(dtypes.FP8_E4M3FNUZ):
-        params["weight"], params["weight_scale"], input_scale = weight_utils.normalize_e4m3fn_to_e4m3fnuz(
-            params["weight"], params["weight_scale"], params.get("input_scale")
+            bias = jnp.concatenate([jnp.asarray(layer.bias) for layer in layers])
+        params = Fp8Params.create(weight, weight_scale, input_scale, bias)
+    if platform.resolve_fp8_dtype(fp8_dtype) == np.dtype(dtypes.FP8_E4M3FNUZ):
+        weight, weight_scale, input_scale = weight_utils.normalize_e4m3fn_to_e4m3fnuz(
+            params.weight, params.weight_scale, params.input_scale
         )
-        if input_scale is not None:
-            params["input_scale"] = input_scale
+        params = Fp8Params.create(weight, weight_scale, input_scale, params.bias)
     return params
 
 
@@ -111,12 +113,11 @@ def load_nnx(
     """
     checkpoint = _open(checkpoint)
     config = config or read_quantization_config(checkpoint)
-    targets = []
-    for path_keys, node in nnx.iter_graph(model):
-        if isinstance(node, (nnx.Linear, fp8_nnx.Fp8Dense)) and path_keys:
-            path = "/".join(str(key) for key in path_keys)
-            if names is None or path in names:
-                targets.append((path, path_keys, node))
+    targets = [
+        (path, path_keys, node)
+        for path, path_keys, node in module_tree.find_layers(model, (nnx.Linear, fp8_nnx.Fp8Dense))
+        if names is None or path in names
+    ]
     if names is not None:
         unknown = sorted(set(names) - {path for path, _, _ in targets})
         if unknown:
@@ -126,7 +127,7 @@ def load_nnx(
         params = _module_params(
             checkpoint, _prefixes(names, path), config, fp8_dtype, path=path, has_bias=node.bias is not None
         )
-        out_features, in_features = params["weight"].shape
+        out_features, in_features = params.weight.shape
         expected = (node.in_features, node.out_features)
         if (in_features, out_features) != expected:
             raise ValueError(
@@ -135,10 +136,7 @@ def load_nnx(
             )
         layers[path] = fp8_nnx._stand_in(params, scheme=config.scheme, layer=node)
     for path, path_keys, _ in targets:
-        parent = model
-        for key in path_keys[:-1]:
-            parent = convert._child(parent, key)
-        convert._set_child(parent, path_keys[-1], layers[path])
+        module_tree.set_child(module_tree.parent_of(model, path_keys), path_keys[-1], layers[path])
     return [path for path, _, _ in targets]
 
 
@@ -159,7 +157,7 @@ def load_linen(
     *,
     config: QuantizationConfig | None = None,
     fp8_dtype=None,
-) -> tuple[convert.LinenFp8Model, dict]:
+) -> tuple[LinenFp8Model, dict]:
     """A linen model's float variables with its `nn.Dense` layers' params replaced from a checkpoint.
 
     Each `nn.Dense` params entry (`{"kernel", "bias"}`) at a path in `names` (default: every entry
@@ -179,21 +177,21 @@ def load_linen(
         raise ValueError(f"no Dense params at paths {unknown}")
     new_params = params
     for path in selected:
-        layer = convert._tree_get(params, paths[path])
+        layer = module_tree.tree_get(params, paths[path])
         fp8 = _module_params(checkpoint, _prefixes(names, path), config, fp8_dtype, path=path, has_bias="bias" in layer)
-        if "kernel" in layer and tuple(layer["kernel"].shape) != tuple(fp8["weight"].shape[::-1]):
+        if "kernel" in layer and tuple(layer["kernel"].shape) != tuple(fp8.weight.shape[::-1]):
             raise ValueError(
-                f"{path}: checkpoint {_prefixes(names, path)} holds (K, N) = {tuple(fp8['weight'].shape[::-1])}, "
+                f"{path}: checkpoint {_prefixes(names, path)} holds (K, N) = {tuple(fp8.weight.shape[::-1])}, "
                 f"the model has {tuple(layer['kernel'].shape)}"
             )
-        new_params = convert._tree_set(new_params, paths[path], fp8)
-    fp8_model = convert.LinenFp8Model(model, dict.fromkeys(selected, config.scheme))
+        new_params = module_tree.tree_set(new_params, paths[path], fp8.to_dict())
+    fp8_model = LinenFp8Model(model, dict.fromkeys(selected, config.scheme))
     return fp8_model, {**variables, "params": new_params}
 
 
-def _split(params: Mapping[str, jax.Array], prefixes: Sequence[str], widths: Sequence[int] | None):
+def _split(params: Fp8Params, prefixes: Sequence[str], widths: Sequence[int] | None):
     """One layer's parameters as checkpoint tensors, split into its shards' rows for a fused layer."""
-    weight = np.asarray(params["weight"])
+    weight = np.asarray(params.weight)
     if np.dtype(weight.dtype) != np.dtype(dtypes.FP8_E4M3FN):
         raise TypeError(f"checkpoints hold float8_e4m3fn weights, {prefixes} is {weight.dtype}")
     if len(prefixes) > 1 and (widths is None or sum(widths) != weight.shape[0]):
@@ -201,14 +199,14 @@ def _split(params: Mapping[str, jax.Array], prefixes: Sequence[str], widths: Seq
             f"fused layer {list(prefixes)} needs shard widths summing to N={weight.shape[0]}, got {widths}"
         )
     bounds = np.cumsum([0, *(widths or [weight.shape[0]])])
-    scale = np.asarray(params["weight_scale"], np.float32)
+    scale = np.asarray(params.weight_scale, np.float32)
     for prefix, start, stop in zip(prefixes, bounds[:-1], bounds[1:]):
         yield f"{prefix}.weight", weight[start:stop]
         yield f"{prefix}.weight_scale", scale if scale.size == 1 else scale[start:stop]
-        if params.get("input_scale") is not None:
-            yield f"{prefix}.input_scale", np.asarray(params["input_scale"], np.float32)
-        if params.get("bias") is not None:
-            yield f"{prefix}.bias", np.asarray(params["bias"])[start:stop]
+        if params.input_scale is not None:
+            yield f"{prefix}.input_scale", np.asarray(params.input_scale, np.float32)
+        if params.bias is not None:
+            yield f"{prefix}.bias", np.asarray(params.bias)[start:stop]
 
 
 def nnx_fp8_tensors(
@@ -219,14 +217,9 @@ def nnx_fp8_tensors(
     A fused layer (several prefixes in `names`) is split into its shards by `shard_widths[path]`;
     every shard keeps the fused layer's scales, so loading it back reproduces the layer exactly.
     """
-    for path_keys, node in nnx.iter_graph(model):
-        if isinstance(node, fp8_nnx.Fp8Dense):
-            path = "/".join(str(key) for key in path_keys)
-            if names is not None and path not in names:
-                continue
-            params = {name: getattr(node, name) for name in ("weight", "weight_scale", "input_scale", "bias")}
-            params = {name: value[...] for name, value in params.items() if value is not None}
-            yield from _split(params, _prefixes(names, path), (shard_widths or {}).get(path))
+    for path, _, node in module_tree.find_layers(model, (fp8_nnx.Fp8Dense,)):
+        if names is None or path in names:
+            yield from _split(node.params, _prefixes(names, path), (shard_widths or {}).get(path))
 
 
 def linen_fp8_tensors(
@@ -234,7 +227,7 @@ def linen_fp8_tensors(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """The checkpoint tensors of every fp8 layer (a params entry with "weight_scale") in a linen tree."""
     for keys in _dense_paths(params):
-        layer = convert._tree_get(params, keys)
+        layer = module_tree.tree_get(params, keys)
         path = "/".join(keys)
         if "weight_scale" in layer and (names is None or path in names):
-            yield from _split(layer, _prefixes(names, path), (shard_widths or {}).get(path))
+            yield from _split(Fp8Params.from_dict(layer), _prefixes(names, path), (shard_widths or {}).get(path))

@@ -16,9 +16,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from w8a8_jax import dense
+from w8a8_jax import quantization
 from w8a8_jax.checkpoint.config import QuantizationConfig
 from w8a8_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
+from w8a8_jax.params import Fp8Params
 
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 # 2-D weights that are not linear layers (embedding tables, norms), by name: a checkpoint without its
@@ -43,14 +44,9 @@ class Fp8LayerTensors:
     input_scale: np.ndarray | None
     bias: np.ndarray | None
 
-    def params(self) -> dict[str, Any]:
-        """As `Fp8Dense` parameters (the keys both modules use)."""
-        params = {"weight": jnp.asarray(self.weight), "weight_scale": jnp.asarray(self.weight_scale)}
-        if self.input_scale is not None:
-            params["input_scale"] = jnp.asarray(self.input_scale)
-        if self.bias is not None:
-            params["bias"] = jnp.asarray(self.bias)
-        return params
+    def params(self) -> Fp8Params:
+        """As `Fp8Dense` parameters."""
+        return Fp8Params.create(self.weight, self.weight_scale, self.input_scale, self.bias)
 
 
 def _check_scale(name: str, scale: np.ndarray) -> None:
@@ -170,11 +166,11 @@ def quantize_linear(
 ) -> dict[str, np.ndarray]:
     """A float `(N, K)` checkpoint weight -> `{"weight", "weight_scale"[, "input_scale"]}` as stored.
 
-    The weight goes through `dense.quantize_weight` (one formula for every path); the fp8 form stores
-    scalar scales as vLLM's own checkpoints do, compressed-tensors `(1,)`.
+    The weight goes through `quantization.quantize_weight` (one formula for every path); the fp8
+    form stores scalar scales as vLLM's own checkpoints do, compressed-tensors `(1,)`.
     """
-    fp8_weight, weight_scale = dense.quantize_weight(
-        jnp.asarray(weight).T, config.weight_granularity, jnp.float8_e4m3fn
+    fp8_weight, weight_scale = quantization.quantize_weight(
+        jnp.asarray(weight), config.weight_granularity, jnp.float8_e4m3fn
     )
     scalar_shape = () if config.form == "fp8" else (1,)
     tensors = {"weight": np.asarray(fp8_weight), "weight_scale": np.asarray(weight_scale, np.float32)}
@@ -183,7 +179,7 @@ def quantize_linear(
     if config.is_static:
         if input_amax is None:
             raise ValueError("static activation scheme needs an input amax")
-        tensors["input_scale"] = np.asarray(dense.static_input_scale(input_amax, jnp.float8_e4m3fn)).reshape(
+        tensors["input_scale"] = np.asarray(quantization.static_input_scale(input_amax, jnp.float8_e4m3fn)).reshape(
             scalar_shape
         )
     return tensors
@@ -252,8 +248,3 @@ def quantize_checkpoint(
         if on_tensor is not None:
             on_tensor(name, action)
     return rows
-
-
-def dequantize(layer: Fp8LayerTensors) -> np.ndarray:
-    """`weight.astype(f32) * weight_scale`, `(N, K)` float32."""
-    return layer.weight.astype(np.float32) * layer.weight_scale.reshape(-1, 1)

@@ -1,34 +1,16 @@
 """Per-layer accuracy of an FP8 checkpoint against the float checkpoint it came from."""
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
-from w8a8_jax import dense
+from w8a8_jax import dense, weight_utils
 from w8a8_jax.checkpoint.config import QuantizationConfig
-from w8a8_jax.checkpoint.layers import dequantize, fp8_layer_prefixes, read_fp8_layer, read_quantization_config
+from w8a8_jax.checkpoint.layers import fp8_layer_prefixes, read_fp8_layer, read_quantization_config
 from w8a8_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
-
-
-def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
-    """`10 log10(sum reference^2 / sum (approximation - reference)^2)`, in float64; inf when equal."""
-    reference = np.asarray(reference, np.float64)
-    noise = np.sum(np.square(np.asarray(approximation, np.float64) - reference))
-    signal = np.sum(np.square(reference))
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal else -math.inf
-
-
-def max_rel_error(reference: np.ndarray, approximation: np.ndarray) -> float:
-    """`max |approximation - reference| / max |reference|`."""
-    reference = np.asarray(reference, np.float64)
-    error = np.max(np.abs(np.asarray(approximation, np.float64) - reference))
-    scale = np.max(np.abs(reference))
-    return float(error / scale) if scale else float(error)
+from w8a8_jax.metrics import max_rel_error, sqnr_db
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +56,7 @@ def compare_checkpoints(
         weight = np.asarray(float_checkpoint.tensor(name), np.float32)
         if weight.shape != layer.weight.shape:
             raise ValueError(f"{name}: float shape {weight.shape} != fp8 shape {layer.weight.shape}")
-        approx = dequantize(layer)
+        approx = np.asarray(weight_utils.per_tensor_dequantize(layer.weight, layer.weight_scale))
         output_sqnr = output_error = None
         if inputs is not None and prefix in inputs:
             x = np.asarray(inputs[prefix], np.float32)
@@ -87,7 +69,7 @@ def compare_checkpoints(
             bias = np.asarray(float_checkpoint.tensor(bias_name), np.float32) if bias_name in float_checkpoint else 0.0
             y_float = x @ weight.T + bias
             params = layer.params()
-            y_fp8 = dense.fp8_dense_params(jnp.asarray(x), params, scheme=config.scheme, out_dtype=jnp.float32)
+            y_fp8 = dense.fp8_dense(jnp.asarray(x), params, scheme=config.scheme, out_dtype=jnp.float32)
             output_sqnr, output_error = sqnr_db(y_float, y_fp8), max_rel_error(y_float, y_fp8)
         reports.append(
             CheckpointLayerReport(

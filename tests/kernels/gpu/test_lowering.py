@@ -33,13 +33,11 @@ def spec(shape, dtype):
         tbs.GemmConfig(cluster="n"),
         tbs.GemmConfig(persistent_pipeline=True),
         tbs.NARROW_GEMM,
-        tbs.DEFAULT_DECODE,
     ],
     ids=str,
 )
 def test_gemm_lowers(config):
-    m = 16 if isinstance(config, tbs.DecodeConfig) else 512
-    k, n = 1024, 512
+    m, k, n = 512, 1024, 512
 
     def fn(q, w, sa, sb, bias):
         return gpu_mm.scaled_mm(q, w, sa, sb, bias, jnp.bfloat16, config=config)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests import reference
-from w8a8_jax import quantization
+from w8a8_jax import dispatch, quantization
 from w8a8_jax.kernels.gpu import quant, supports_device
 
 on_hopper = jax.devices()[0].platform == "gpu" and supports_device(jax.devices()[0])
@@ -61,10 +61,19 @@ def test_interpret_nan_safety():
     "k, x_dtype, fp8_dtype",
     [(300, jnp.bfloat16, jnp.float8_e4m3fn), (1024, jnp.bfloat16, jnp.float8_e4m3fnuz)],
 )
-def test_unsupported_falls_back_to_xla(key, k, x_dtype, fp8_dtype):
-    """Rows not a multiple of 256 and e4m3fnuz run the XLA formula: same codes."""
+def test_plan_sends_unsupported_rows_to_xla(key, k, x_dtype, fp8_dtype):
+    """Rows the kernel does not take (K not a multiple of 256, e4m3fnuz) get the XLA formula from
+    the plan, and the kernel itself refuses them."""
+    from w8a8_jax.kernels import gpu
+
     assert not quant.supports(k, x_dtype, fp8_dtype)
-    check_quant(spread_rows(key, 3, k, x_dtype), fp8_dtype=fp8_dtype)
+    name, _ = dispatch.choose_quantizer("dynamic_per_token", k, x_dtype, fp8_dtype, gpu.FUSED_KERNEL)
+    assert name == "quantize_per_token"
+    assert dispatch.choose_quantizer("dynamic_per_token", 1024, x_dtype, jnp.float8_e4m3fn, gpu.FUSED_KERNEL)[0] == (
+        "kernel.per_token_quant"
+    )
+    with pytest.raises(ValueError, match="per-token quant kernel takes"):
+        quant.per_token_quant(spread_rows(key, 3, k, x_dtype), None, fp8_dtype, interpret=True)
 
 
 def test_rejects_bad_input():

@@ -180,9 +180,11 @@ def test_per_token_with_scale_ub(key):
     )
 
 
-def test_per_token_k_over_one_block_uses_quant_kernel(key):
-    """tile_k < K: the separate quant kernel runs first, then the GEMM on its codes (4 k-steps)."""
-    check_fused_quant(key, 40, 512, 256, static=False, blocks=SMALL)
+def test_per_token_k_over_one_block_is_refused(key):
+    """tile_k < K: in-kernel per-token quantization needs the whole row; the kernel says so (the
+    dispatch plan runs the separate quant kernel, then the GEMM, for such rows)."""
+    with pytest.raises(ValueError, match="needs the whole row"):
+        check_fused_quant(key, 40, 512, 256, static=False, blocks=SMALL)
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)

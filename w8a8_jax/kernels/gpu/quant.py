@@ -143,10 +143,9 @@ def per_token_quant(
     """Dynamic per-token quantization, fused: codes `(M, K)` e4m3fn and scales `(M, 1)` float32.
 
     Args:
-      x: `(M, K)` bfloat16, float16 or float32; K a multiple of 256 (`supports`), else the XLA
-        formula runs (same codes).
+      x: `(M, K)` bfloat16, float16 or float32; K a multiple of 256 (`supports` says which K).
       scale_ub: `(1,)` float32 upper bound on each row's amax, or None.
-      fp8_dtype: float8_e4m3fn (Hopper's format); e4m3fnuz takes the XLA formula.
+      fp8_dtype: float8_e4m3fn (Hopper's format).
       rows_per_block: rows one warpgroup quantizes (tuning).
       interpret: run under Mosaic GPU interpret mode (CPU tests).
     """
@@ -155,6 +154,12 @@ def per_token_quant(
         raise TypeError(f"fp8_dtype must be float8_e4m3fn or float8_e4m3fnuz, got {fp8_dtype}")
     if scale_ub is not None:
         scale_ub = validation.per_tensor_scale("scale_ub", scale_ub)
-    if not supports(x.shape[1], x.dtype, fp8_dtype) or x.shape[0] == 0:
-        return quantization.quantize_per_token(x, scale_ub, fp8_dtype)
+    m, k = x.shape
+    if not supports(k, x.dtype, fp8_dtype):
+        raise ValueError(
+            f"the per-token quant kernel takes float8_e4m3fn codes of rows whose K divides into 128-thread "
+            f"vectors, got K={k}, {np.dtype(x.dtype).name} -> {np.dtype(fp8_dtype).name}"
+        )
+    if m == 0:
+        return jnp.zeros((0, k), fp8_dtype), jnp.zeros((0, 1), jnp.float32)
     return _per_token_quant(x, scale_ub, rows_per_block=rows_per_block, interpret=interpret)

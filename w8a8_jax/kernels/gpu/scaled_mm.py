@@ -4,17 +4,14 @@
 fp8 operands K-major (`qinput (M, K)`, `weight (N, K)`), a float32 accumulator, and the scales and
 bias applied to the float32 accumulator before one rounding.
 
-Two schedules:
-  * large M: a persistent grid over CTA output tiles (planar-snake rasterization for L2 reuse);
-    per CTA one TMA producer warpgroup and two `wgmma` consumer warpgroups around a multi-stage
-    shared-memory ring (128-byte swizzle); by default CTAs pair into clusters of 2 along M that
-    share each B tile by TMA multicast (halving its L2 reads), and one pipeline runs across all of
-    a CTA's tiles; the epilogue stages the `(M,)` and `(N,)` scale vectors and the bias in shared
-    memory, applies them to the accumulator in registers, casts, and stores through shared
-    memory with TMA.
-  * small M (decode): operands swapped, `weight_tile @ x.T`, so N fills the 128-row side of
-    `wgmma` and the tokens (padded to 8..64) its narrow side; the grid splits N and K so every SM
-    streams weight; float32 partials are summed and scaled by one small XLA fusion.
+The schedule: a persistent grid over CTA output tiles (planar-snake rasterization for L2 reuse);
+per CTA one TMA producer warpgroup and two `wgmma` consumer warpgroups around a multi-stage
+shared-memory ring (128-byte swizzle); by default CTAs pair into clusters of 2 along M that share
+each B tile by TMA multicast (halving its L2 reads), and one pipeline runs across all of a CTA's
+tiles; the epilogue stages the `(M,)` and `(N,)` scale vectors and the bias in shared memory,
+applies them to the accumulator in registers, casts, and stores through shared memory with TMA.
+Decode-sized M (<= 64) pads to one CTA row; the plan sends those shapes to XLA, which measured
+faster there (benchmarks/NOTES.md).
 """
 
 import functools
@@ -25,13 +22,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from w8a8_jax import platform
+from w8a8_jax import layout, platform
 from w8a8_jax.kernels.gpu import tuned_block_sizes as tbs
-from w8a8_jax.kernels.gpu.tuned_block_sizes import DecodeConfig, GemmConfig
+from w8a8_jax.kernels.gpu.tuned_block_sizes import GemmConfig
 
-# Largest padded M that takes the decode schedule (wgmma's N side is at most 256, but past 64
-# tokens the large-M schedule reuses each weight tile enough to be compute-bound).
-DECODE_MAX_M = 64
 # K and N granularity of the kernel: one 128-byte swizzle row of fp8 along K; the CTA tile's 128
 # rows along N. Other multiples of SHAPE_MULTIPLE (TMA's 16-byte rows) are zero-padded up to them.
 K_MULTIPLE = 128
@@ -258,65 +252,6 @@ def _gemm_kernel(
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _decode_kernel(
-    w_gmem,  # (N, K) fp8
-    x_gmem,  # (Mp, K) fp8, Mp in 8..64
-    part_gmem,  # (splits, N, Mp) float32
-    *,
-    config: DecodeConfig,
-    splits: int,
-):
-    n, k = w_gmem.shape
-    mp = x_gmem.shape[0]
-    tile_n, tile_k = config.tile_n, config.tile_k
-    k_per_split = k // splits
-    transforms = _fp8_transforms(tile_k)
-    n_idx = lax.axis_index("n")
-    split = lax.axis_index("split")
-    n_slice = pl.ds(n_idx * tile_n, tile_n)
-    k_slice = pl.ds(split * k_per_split, k_per_split)
-
-    @functools.partial(
-        pl.run_scoped,
-        out_smem=plgpu.SMEM((tile_n, mp), jnp.float32, transforms=_out_transforms(mp, jnp.float32)),
-        collective_axes="wg",
-    )
-    def _scope(out_smem):
-        def compute_context(eval_pipeline):
-            if config.promote:
-                (out_smem[...],) = eval_pipeline(_promoted_zeros(tile_n, mp))  # mp <= 64: one chunk
-            else:
-
-                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_n, mp), jnp.float32))
-                def _acc_scope(acc_ref):
-                    out_smem[...] = eval_pipeline(acc_ref)[...]
-
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem, part_gmem.at[split, n_slice])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-        def mma_body(_, w_smem, x_smem, carry):
-            return _mma_step(carry, w_smem, x_smem, config.promote)
-
-        plgpu.emit_pipeline_warp_specialized(
-            mma_body,
-            grid=(k_per_split // tile_k,),
-            memory_registers=40,
-            in_specs=[
-                plgpu.BlockSpec((tile_n, tile_k), lambda ki: (0, ki), transforms=transforms),
-                plgpu.BlockSpec((mp, tile_k), lambda ki: (0, ki), transforms=transforms),
-            ],
-            wg_axis="wg",
-            num_compute_wgs=1,
-            max_concurrent_steps=config.stages,
-            compute_context=compute_context,
-        )(w_gmem.at[n_slice, k_slice], x_gmem.at[:, k_slice])
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
 def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
     return x if x.shape[0] == rows else jnp.pad(x, ((0, rows - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
 
@@ -351,34 +286,6 @@ def gemm_large_m(qinput, weight, scale_a, scale_b, bias, out_dtype, *, config: G
         return kernel(qinput, weight, scale_a, scale_b, bias)
 
 
-def decode_splits(n: int, k: int, config: DecodeConfig, num_sms: int) -> int:
-    """Number of K splits: the fewest that give min_units_per_sm work units per SM."""
-    n_tiles = n // config.tile_n
-    k_iters = k // config.tile_k
-    splits = 1
-    while n_tiles * splits < config.min_units_per_sm * num_sms and k_iters % (2 * splits) == 0:
-        splits *= 2
-    return splits
-
-
-def gemm_decode_partials(qinput, weight, *, config: DecodeConfig, splits: int, interpret=False):
-    """The decode schedule: float32 partials `(splits, N, Mp)` of `weight @ qinput.T`."""
-    mp, k = qinput.shape
-    n = weight.shape[0]
-    kernel = plgpu.kernel(
-        functools.partial(_decode_kernel, config=config, splits=splits),
-        out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
-        grid=(n // config.tile_n, splits),
-        grid_names=("n", "split"),
-        num_threads=2,
-        thread_name="wg",
-        compiler_params=_compiler_params(),
-        interpret=_interpret_params() if interpret else None,
-    )
-    with jax.named_scope(f"fp8_gemm_decode_{config.tile_n}x{mp}x{config.tile_k}_k{splits}"):
-        return kernel(weight, qinput)
-
-
 def scaled_mm(
     qinput: jax.Array,
     weight: jax.Array,
@@ -388,7 +295,7 @@ def scaled_mm(
     out_dtype,
     *,
     interpret: bool = False,
-    config: GemmConfig | DecodeConfig | None = None,
+    config: GemmConfig | None = None,
 ) -> jax.Array:
     """`(scale_a * scale_b) * (qinput @ weight.T) + bias` in `out_dtype`, float32 accumulation.
 
@@ -427,7 +334,7 @@ def scaled_mm(
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     if m == 0:
         return jnp.zeros((0, n), out_dtype)
-    kp, np_ = _round_up(k, K_MULTIPLE), _round_up(n, N_MULTIPLE)
+    kp, np_ = layout.round_up(k, K_MULTIPLE), layout.round_up(n, N_MULTIPLE)
     if (kp, np_) != (k, n):
         # Zero codes add nothing to the dot; the padded channels (scale 1, no bias) are sliced off.
         qinput = jnp.pad(qinput, ((0, 0), (0, kp - k)))
@@ -438,33 +345,14 @@ def scaled_mm(
             bias = jnp.pad(bias, (0, np_ - n))
         out = scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype, interpret=interpret, config=config)
         return out[:, :n]
-    device_kind = "cpu" if interpret else jax.devices()[0].device_kind
-
-    use_decode = isinstance(config, DecodeConfig) or (config is None and m <= DECODE_MAX_M)
-    if use_decode:
-        config = config or tbs.decode_config(device_kind, m, k, n)
-        if k % config.tile_k or n % config.tile_n:
-            raise ValueError(f"{k=} and {n=} must be multiples of {config.tile_k=} and {config.tile_n=}")
-        mp = _round_up(max(m, 8), 8)
-        if mp > 256:
-            raise ValueError(f"the decode schedule takes M <= 256, got {m=}")
-        splits = decode_splits(n, k, config, platform.num_sms())
-        partials = gemm_decode_partials(
-            _pad_rows(qinput, mp), weight, config=config, splits=splits, interpret=interpret
-        )
-        acc = jnp.sum(partials, axis=0)[:, :m].T  # (M, N) float32
-        out = acc * _vector(scale_a, m)[:, None] * _vector(scale_b, n)[None, :]
-        if bias is not None:
-            out = out + bias.astype(jnp.float32)
-        return out.astype(out_dtype)
 
     if config is None:
-        config = tbs.gemm_config(device_kind, m, k, n, out_dtype.itemsize, platform.num_sms())
+        config = tbs.gemm_config(m, k, n, out_dtype.itemsize, platform.num_sms())
     else:
         config = tbs.fit_stages(config, out_dtype.itemsize, k)
     if k % config.tile_k or n % config.cluster_n:
         raise ValueError(f"{k=} and {n=} must be multiples of {config.tile_k=} and {config.cluster_n=}")
-    mp = _round_up(m, config.cluster_m)
+    mp = layout.round_up(m, config.cluster_m)
     config = tbs.fit_grid(config, mp, n, platform.num_sms())
     out = gemm_large_m(
         _pad_rows(qinput, mp),

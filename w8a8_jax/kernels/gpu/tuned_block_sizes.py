@@ -1,17 +1,13 @@
 """Tuning configs for the Hopper fp8 GEMM, chosen by shape, with a documented fallback.
 
-Two schedules (see `scaled_mm.py`):
-  * `GemmConfig`, the large-M schedule: persistent grid of CTA tiles, two consumer warpgroups and
-    one TMA producer warpgroup, a multi-stage shared-memory ring.
-  * `DecodeConfig`, the small-M schedule: operands swapped (`weight @ x.T`), so N fills the 64-row
-    side of `wgmma` and the few tokens its 8..64-wide side; N and K split over every SM.
+`GemmConfig` describes the schedule of `scaled_mm.py`: a persistent grid of CTA tiles, two
+consumer warpgroups and one TMA producer warpgroup, a multi-stage shared-memory ring.
 
-`TUNED_GEMM` is a plain dict keyed by `(device_kind, m_bucket, k, n)`; a miss falls back to
-`DEFAULT_GEMM`, the config measured best over the Llama shapes (benchmarks/NOTES.md): CTA 128x256
-with promotion in 128-column chunks, clusters of 2 CTAs along M multicasting B, one pipeline
-across an SM's tiles. `NARROW_GEMM` (CTA 128x128) takes N that is not a multiple of 256, M of one
-CTA row, and shapes whose wide tiles would leave more of the last wave of SMs idle
-(`wave_efficiency`).
+`DEFAULT_GEMM` is the config measured best over the Llama shapes (benchmarks/NOTES.md): CTA
+128x256 with promotion in 128-column chunks, clusters of 2 CTAs along M multicasting B, one
+pipeline across an SM's tiles. `NARROW_GEMM` (CTA 128x128) takes N that is not a multiple of 256,
+M of one CTA row, and shapes whose wide tiles would leave more of the last wave of SMs idle
+(`wave_efficiency`). `KERNEL_FASTER_THAN_XLA` is the measured table the dispatch plan reads.
 """
 
 import dataclasses
@@ -83,33 +79,8 @@ class GemmConfig:
         return self.cta_n * (2 if self.cluster == "n" else 1)
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-    """Small-M schedule (M <= 64 after padding to a multiple of 8).
-
-    Attributes:
-      tile_n: weight rows per CTA (the `wgmma` M side); multiple of 64.
-      tile_k: fp8 elements per k-step (128 = one 128-byte swizzle row).
-      stages: depth of the shared-memory ring; the weight stream needs bytes in flight.
-      min_units_per_sm: split K until there are at least this many (n-tile, k-split) work units
-        per SM, so every SM streams weight.
-      promote: as `GemmConfig.promote`.
-    """
-
-    tile_n: int = 128
-    tile_k: int = 128
-    stages: int = 6
-    min_units_per_sm: int = 2
-    promote: bool = True
-
-
-# (device_kind, m_bucket, k, n) -> config. m_bucket is the padded M rounded up to a power of two
-# (>= 1024 share one entry per (k, n)).
-TUNED_GEMM: dict[tuple[str, int, int, int], GemmConfig] = {}
-
 DEFAULT_GEMM = GemmConfig(tile_n=256, epi_tile_n=32, cluster="m", persistent_pipeline=True)
 NARROW_GEMM = GemmConfig(cluster="m", persistent_pipeline=True)
-DEFAULT_DECODE = DecodeConfig()
 
 
 def _smem_bytes(config: GemmConfig, out_itemsize: int, stages: int) -> int:
@@ -164,18 +135,15 @@ def wave_efficiency(config: GemmConfig, m: int, n: int, num_sms: int) -> float:
 WAVE_SLACK = 0.1
 
 
-def gemm_config(device_kind: str, m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
-    """Tuned config for the shape, else the wide default or the narrow one (module docstring), fitted
-    to N, to a single CTA row of M and to shared memory; N must divide by the CTA tile's N."""
-    m_bucket = 1 << max(0, (min(m, 1024) - 1).bit_length())
-    config = TUNED_GEMM.get((device_kind, m_bucket, k, n))
-    if config is None:
-        wide = (
-            m > NARROW_GEMM.cta_m
-            and n % DEFAULT_GEMM.cluster_n == 0
-            and wave_efficiency(DEFAULT_GEMM, m, n, num_sms) + WAVE_SLACK >= wave_efficiency(NARROW_GEMM, m, n, num_sms)
-        )
-        config = DEFAULT_GEMM if wide else NARROW_GEMM
+def gemm_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
+    """The wide default or the narrow config (module docstring), fitted to N, to a single CTA row
+    of M and to shared memory; N must divide by the CTA tile's N."""
+    wide = (
+        m > NARROW_GEMM.cta_m
+        and n % DEFAULT_GEMM.cluster_n == 0
+        and wave_efficiency(DEFAULT_GEMM, m, n, num_sms) + WAVE_SLACK >= wave_efficiency(NARROW_GEMM, m, n, num_sms)
+    )
+    config = DEFAULT_GEMM if wide else NARROW_GEMM
     if n % config.cluster_n:
         # N a multiple of 128 but not of the cluster's: stack the warpgroups and the cluster along M.
         config = dataclasses.replace(config, wg_split="m", cluster=config.cluster and "m")
@@ -185,17 +153,12 @@ def gemm_config(device_kind: str, m: int, k: int, n: int, out_itemsize: int, num
     return fit_stages(config, out_itemsize, k)
 
 
-def decode_config(device_kind: str, m: int, k: int, n: int) -> DecodeConfig:
-    """The decode schedule's config (one config today; see NOTES.md for the figures)."""
-    del device_kind, m, k, n
-    return DEFAULT_DECODE
-
-
 # (m_bucket, k, n) where the kernel measured at least 3% faster than the faster of XLA's fp8 paths
 # (both accumulating in float32) on an H100 (benchmarks/NOTES.md, "GPU kernels", v7); everywhere
 # else the registered fused path hands the GEMM to XLA. Buckets between two measured ones that
 # agree (256, 512, 2048) take their side; shapes and buckets not measured go to XLA. M <= 64 always
-# goes to XLA: at M = 1 its float32 reduction and at M = 16 cuBLASLt beat the decode schedule.
+# goes to XLA: at M = 1 its float32 reduction and at M = 16 cuBLASLt beat the kernel's swapped-operand
+# decode schedule (since removed; benchmarks/NOTES.md v7).
 _ALL_M = (128, 256, 512, 1024, 2048, 4096, 8192)
 KERNEL_FASTER_THAN_XLA: frozenset[tuple[int, int, int]] = frozenset(
     {

@@ -16,7 +16,7 @@ from jax.experimental.pallas import tpu as pltpu
 from w8a8_jax import platform
 from w8a8_jax.kernels.tpu import hardware
 from w8a8_jax.kernels.tpu.quant import per_token_quant
-from w8a8_jax.kernels.tpu.scaled_mm import fused_quant_scaled_mm, w8a8_scaled_mm
+from w8a8_jax.kernels.tpu.scaled_mm import fused_quant_scaled_mm, per_token_fits, w8a8_scaled_mm
 from w8a8_jax.kernels.tpu.tuned_block_sizes import BlockSizes
 
 __all__ = [
@@ -34,6 +34,11 @@ def supports_device(device) -> bool:
     return hardware.generation_of(device) is not None
 
 
+def _quant_scaled_mm_supports(m, k, n, x_dtype, fp8_dtype, out_dtype, per_token, *, generation) -> bool:
+    """Static scales quantize in-kernel at any K; per-token needs the whole row in one block."""
+    return not per_token or per_token_fits(m, k, n, x_dtype, fp8_dtype, out_dtype, generation=generation)
+
+
 def make_fused_kernel(
     *, generation: str | None = None, interpret: pltpu.InterpretParams | bool | None = None
 ) -> platform.FusedKernel:
@@ -44,6 +49,7 @@ def make_fused_kernel(
         supports_device=supports_device,
         per_token_quant=functools.partial(per_token_quant, generation=generation, interpret=interpret),
         quant_scaled_mm=functools.partial(fused_quant_scaled_mm, generation=generation, interpret=interpret),
+        quant_scaled_mm_supports=functools.partial(_quant_scaled_mm_supports, generation=generation),
     )
 
 

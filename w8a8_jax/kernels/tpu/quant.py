@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from w8a8_jax import dtypes, quantization, validation
+from w8a8_jax import dtypes, layout, quantization, validation
 from w8a8_jax.kernels.tpu import hardware, tuned_block_sizes
 
 # Most rows per program: enough to amortize the per-step overhead; the rows are memory-bound.
@@ -37,7 +37,7 @@ def _per_token_quant_kernel(*refs, has_ub: bool, fp8_dtype):
 def quant_tile_m(gen: hardware.Generation, m: int, k: int, x_dtype) -> int:
     """Rows per program: the most (a multiple of 32, at most 256 and M rounded up) within the VMEM
     budget; raises ValueError if even 32 rows of length K do not fit."""
-    tile_m = min(_MAX_TILE_M, tuned_block_sizes.round_up(m, tuned_block_sizes.SUBLANES_8BIT))
+    tile_m = min(_MAX_TILE_M, layout.round_up(m, tuned_block_sizes.SUBLANES_8BIT))
     while tile_m > tuned_block_sizes.SUBLANES_8BIT and tuned_block_sizes.quant_vmem_bytes(
         tile_m, k, x_dtype
     ) > tuned_block_sizes.vmem_budget(gen):
@@ -51,7 +51,7 @@ def quant_tile_m(gen: hardware.Generation, m: int, k: int, x_dtype) -> int:
 @functools.partial(jax.jit, static_argnames=("fp8_dtype", "tile_m", "vmem_limit", "interpret"))
 def _per_token_quant(x, scale_ub, *, fp8_dtype, tile_m, vmem_limit, interpret):
     m, k = x.shape
-    m_pad = tuned_block_sizes.round_up(m, tile_m)
+    m_pad = layout.round_up(m, tile_m)
     x = jnp.pad(x, ((0, m_pad - m), (0, 0)))  # zero rows quantize to zero codes, finite scales
     in_specs = [pl.BlockSpec((tile_m, k), lambda i: (i, 0))]
     operands = [x]

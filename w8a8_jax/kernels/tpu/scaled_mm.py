@@ -30,12 +30,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from w8a8_jax import dtypes, quantization, validation
-from w8a8_jax import scaled_mm as scaled_mm_paths
-from w8a8_jax.kernels.tpu import hardware, quant, tuned_block_sizes
+from w8a8_jax import dtypes, layout, quantization, validation
+from w8a8_jax.kernels.tpu import hardware, tuned_block_sizes
 from w8a8_jax.kernels.tpu.tuned_block_sizes import BlockSizes
 
-_CONTRACT_K = (((1,), (1,)), ((), ()))
 X_MODES = ("codes", "static", "per_token")
 
 
@@ -98,7 +96,7 @@ def _gemm_kernel(
         acc_vmem[...] = jnp.zeros_like(acc_vmem)
 
     acc_vmem[...] += jax.lax.dot_general(
-        x_mxu, w_vmem[...].astype(mxu_dtype), _CONTRACT_K, preferred_element_type=jnp.float32
+        x_mxu, w_vmem[...].astype(mxu_dtype), layout.CONTRACT_K, preferred_element_type=jnp.float32
     )
 
     @pl.when(k_idx == pl.num_programs(2) - 1)
@@ -111,7 +109,7 @@ def _gemm_kernel(
         else:
             scale_a = scale_a_smem[0]
         scale_b = scale_b_smem[0] if b_per_tensor else scale_b_vmem[...]
-        # The same products, in the same order, as `scaled_mm.apply_scales`.
+        # The same products, in the same order, as the XLA paths' epilogue (`scaled_mm.apply_scales`).
         if np.ndim(scale_a) == 0 and b_per_tensor:
             out = acc * (scale_a * scale_b)
         else:
@@ -144,7 +142,7 @@ def _gemm(
     """Pads to block multiples, runs the kernel, slices. Scales arrive as (1,) or (M, 1) / (1, N)."""
     (m, k), n = x.shape, weight.shape[0]
     tm, tn, tk = blocks.tile_m, blocks.tile_n, blocks.tile_k
-    m_pad, n_pad, k_pad = (tuned_block_sizes.round_up(v, t) for v, t in ((m, tm), (n, tn), (k, tk)))
+    m_pad, n_pad, k_pad = (layout.round_up(v, t) for v, t in ((m, tm), (n, tn), (k, tk)))
     grid = (m_pad // tm, n_pad // tn, k_pad // tk)
     a_per_tensor = scale_a is None or scale_a.size == 1
     b_per_tensor = scale_b.size == 1
@@ -233,7 +231,7 @@ def _plan(gen, m, k, n, *, x_dtype, fp8_dtype, out_dtype, x_mode, row_scales, bl
     if blocks is None:
         blocks = tuned_block_sizes.get_block_sizes(gen, m, k, n)
         if x_mode == "per_token":  # the whole row in one block
-            blocks = dataclasses.replace(blocks, tile_k=tuned_block_sizes.round_up(k, tuned_block_sizes.LANES))
+            blocks = dataclasses.replace(blocks, tile_k=layout.round_up(k, tuned_block_sizes.LANES))
         blocks = tuned_block_sizes.fit_vmem(blocks, gen, k=k, n=n, shrink_k=x_mode != "per_token", **vmem_args)
     tuned_block_sizes.check_tiling(blocks)
     estimate = tuned_block_sizes.gemm_vmem_bytes(blocks, **vmem_args)
@@ -282,7 +280,7 @@ def w8a8_scaled_mm(
     Returns:
       `(M, N)` out_dtype.
     """
-    scale_a, scale_b, bias, out_dtype = scaled_mm_paths.check_operands(
+    scale_a, scale_b, bias, out_dtype = validation.check_gemm_operands(
         qinput, weight, scale_a, scale_b, bias, out_dtype
     )
     _check_blocks_arg(blocks)
@@ -339,9 +337,9 @@ def fused_quant_scaled_mm(
     exactly `scaled_fp8_quant`'s codes and scales:
       input_scale given (static): `q = fp8(clamp(x * (1 / input_scale)))`, quantized tile by tile
         in the kernel for any K;
-      input_scale None (dynamic per token): `quantize_per_token(x, scale_ub)`, in the kernel when
-        the whole row fits one block (quantized once per row block, reused across N blocks);
-        otherwise the separate quant kernel (`quant.per_token_quant`) runs first.
+      input_scale None (dynamic per token): `quantize_per_token(x, scale_ub)`, in the kernel, which
+        needs the whole row in one block (`per_token_fits`; quantized once per row block, reused
+        across N blocks); where it does not fit, run `quant.per_token_quant` then `w8a8_scaled_mm`.
     Dynamic per-tensor scales need a global amax before any block runs: use `scaled_fp8_quant`
     and `w8a8_scaled_mm` for those.
 
@@ -354,7 +352,7 @@ def fused_quant_scaled_mm(
       bias: `(N,)` or None.
       out_dtype: bf16, f16 or f32; default x's dtype.
       blocks, generation, interpret: as in `w8a8_scaled_mm`; `blocks.tile_k` must cover K for
-        in-kernel per-token quant (else the separate quant kernel runs).
+        in-kernel per-token quant.
     """
     validation.check_float_input("x", x, ndim=2)
     validation.check_fp8("weight", weight)
@@ -372,30 +370,23 @@ def fused_quant_scaled_mm(
         scale_ub = validation.per_tensor_scale("scale_ub", scale_ub)
     # Validate the weight side once, with the codes-path checks (dtype, shapes, scale values).
     placeholder_codes = jax.ShapeDtypeStruct((m, k), fp8_dtype)
-    _, weight_scale, bias, out_dtype = scaled_mm_paths.check_operands(
+    _, weight_scale, bias, out_dtype = validation.check_gemm_operands(
         placeholder_codes, weight, jnp.ones((1,), jnp.float32), weight_scale, bias, out_dtype
     )
     gen = hardware.resolve(generation)
     x_mode = "static" if input_scale is not None else "per_token"
     if x_mode == "per_token":
-        k_one_block = tuned_block_sizes.round_up(k, tuned_block_sizes.LANES)
+        k_one_block = layout.round_up(k, tuned_block_sizes.LANES)
         fits = (
             blocks.tile_k >= k_one_block
             if blocks is not None
-            else _per_token_fits(gen, m, k, n, x.dtype, fp8_dtype, out_dtype)
+            else per_token_fits(m, k, n, x.dtype, fp8_dtype, out_dtype, generation=gen.name)
         )
         if not fits:
-            q, row_scale = quant.per_token_quant(x, scale_ub, fp8_dtype, generation=gen.name, interpret=interpret)
-            return w8a8_scaled_mm(
-                q,
-                weight,
-                row_scale,
-                weight_scale,
-                bias,
-                out_dtype,
-                blocks=blocks,
-                generation=gen.name,
-                interpret=interpret,
+            raise ValueError(
+                f"in-kernel per-token quantization needs the whole row (K={k}) in one block, which does not fit "
+                f"{'tile_k=' + str(blocks.tile_k) if blocks is not None else 'VMEM'}: run per_token_quant, then "
+                "w8a8_scaled_mm"
             )
         if blocks is not None:
             blocks = dataclasses.replace(blocks, tile_k=k_one_block)
@@ -429,11 +420,12 @@ def fused_quant_scaled_mm(
     )
 
 
-def _per_token_fits(gen, m, k, n, x_dtype, fp8_dtype, out_dtype) -> bool:
-    """Whether the whole row fits one block at the generation's chosen tile_m and tile_n: then the
-    activation is quantized in-kernel; else the separate quant kernel runs first."""
+def per_token_fits(m, k, n, x_dtype, fp8_dtype, out_dtype, *, generation: str | None = None) -> bool:
+    """Whether the whole row fits one block at the generation's chosen tile_m and tile_n, so that
+    `fused_quant_scaled_mm` can quantize per token in-kernel."""
+    gen = hardware.resolve(generation)
     blocks = tuned_block_sizes.get_block_sizes(gen, m, k, n)
-    blocks = dataclasses.replace(blocks, tile_k=tuned_block_sizes.round_up(k, tuned_block_sizes.LANES))
+    blocks = dataclasses.replace(blocks, tile_k=layout.round_up(k, tuned_block_sizes.LANES))
     estimate = tuned_block_sizes.gemm_vmem_bytes(
         blocks,
         x_dtype=x_dtype,

@@ -18,6 +18,7 @@ import dataclasses
 
 import numpy as np
 
+from w8a8_jax import layout
 from w8a8_jax.kernels.tpu import hardware
 
 # Native tile of 8-bit arrays: 32 sublanes (4 values packed per 32-bit sublane) x 128 lanes.
@@ -79,10 +80,6 @@ _DEFAULT_CAPS = {
 }
 
 
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
 def _largest_dividing_tile(size: int, cap: int, unit: int) -> int:
     """The largest multiple of `unit` <= cap that divides `size` (itself a multiple of `unit`)."""
     tile = min(cap, size) // unit * unit
@@ -126,7 +123,7 @@ def gemm_vmem_bytes(
 
 def quant_vmem_bytes(tile_m: int, k: int, x_dtype) -> int:
     """Estimated VMEM of one per-token quant program over `tile_m` whole rows of length `k`."""
-    k_lanes = round_up(k, LANES)
+    k_lanes = layout.round_up(k, LANES)
     buffered = tile_m * k_lanes * (_itemsize(x_dtype) + 1) + tile_m * LANES * 4
     return 2 * buffered + 2 * tile_m * k_lanes * 4  # double buffers + float32 temporaries
 
@@ -154,9 +151,9 @@ def default_block_sizes(gen: hardware.Generation, m: int, k: int, n: int) -> Blo
     """The documented fallback for shapes not in the table (see the module docstring)."""
     cap_m, cap_n, cap_k = _DEFAULT_CAPS[gen.name]
     return BlockSizes(
-        tile_m=min(cap_m, round_up(m, SUBLANES_8BIT)),
-        tile_n=_largest_dividing_tile(round_up(n, LANES), cap_n, LANES),
-        tile_k=_largest_dividing_tile(round_up(k, LANES), cap_k, LANES),
+        tile_m=min(cap_m, layout.round_up(m, SUBLANES_8BIT)),
+        tile_n=_largest_dividing_tile(layout.round_up(n, LANES), cap_n, LANES),
+        tile_k=_largest_dividing_tile(layout.round_up(k, LANES), cap_k, LANES),
     )
 
 
@@ -170,7 +167,7 @@ def get_block_sizes(gen: hardware.Generation, m: int, k: int, n: int) -> BlockSi
     if not entries:
         return default_block_sizes(gen, m, k, n)
     blocks = next((b for m_upper, b in entries if m <= m_upper), entries[-1][1])
-    return dataclasses.replace(blocks, tile_m=min(blocks.tile_m, round_up(m, SUBLANES_8BIT)))
+    return dataclasses.replace(blocks, tile_m=min(blocks.tile_m, layout.round_up(m, SUBLANES_8BIT)))
 
 
 def fit_vmem(
@@ -178,7 +175,7 @@ def fit_vmem(
 ) -> BlockSizes:
     """Halves tile_k (if `shrink_k`), then tile_n, then tile_m, keeping them legal and dividing the
     padded K and N, until the estimate fits the budget; returns `blocks` unchanged if it fits."""
-    k_pad, n_pad = round_up(k, LANES), round_up(n, LANES)
+    k_pad, n_pad = layout.round_up(k, LANES), layout.round_up(n, LANES)
     while gemm_vmem_bytes(blocks, **vmem_args) > vmem_budget(gen):
         if shrink_k and blocks.tile_k > LANES:
             blocks = dataclasses.replace(blocks, tile_k=_largest_dividing_tile(k_pad, blocks.tile_k // 2, LANES))

@@ -1,0 +1,138 @@
+"""The plan: which quantizer and which GEMM run for one fp8 linear layer and one input.
+
+This is the only place that decides. `plan` is a pure function of the layer's scheme, the shapes
+and dtypes, and the platform's fused kernel (its capabilities and measured table, passed in): it
+calls vLLM's four-boolean tree (`scaled_mm.dispatch_w8a8_scaled_mm`) for the GEMM path, then
+refines the fused branch by what the kernel takes and where it measured faster, and picks the
+quantizer. `Fp8LinearOp` resolves the plan outside its jitted function and passes it in as static
+configuration, so the plan is part of the compilation cache key: a kernel registered or
+overridden later takes effect on the next call.
+
+Quantizers (`Plan.quantizer`):
+  None                          fp8 input, already quantized with its `input_scale`
+  "quantize_per_tensor"         XLA: static scale, `fp8(clamp(x * (1 / s)))`
+  "quantize_dynamic_per_tensor" XLA: one scale from the amax of the whole input
+  "quantize_per_token"          XLA: one scale per row
+  "kernel.per_token_quant"      the platform's fused per-token quant kernel
+  "kernel.quant_scaled_mm"      inside the GEMM kernel, which then is the GEMM too
+GEMMs (`Plan.gemm`): the names of `scaled_mm`'s paths, or "kernel.quant_scaled_mm".
+"""
+
+import dataclasses
+
+import numpy as np
+
+from w8a8_jax import dtypes, scaled_mm
+from w8a8_jax.platform import FusedKernel
+from w8a8_jax.scheme import ActivationScheme, Fp8Scheme
+
+XLA_QUANTIZERS = {
+    "static": "quantize_per_tensor",
+    "dynamic_per_tensor": "quantize_dynamic_per_tensor",
+    "dynamic_per_token": "quantize_per_token",
+}
+KERNEL_PER_TOKEN_QUANT = "kernel.per_token_quant"
+KERNEL_QUANT_SCALED_MM = "kernel.quant_scaled_mm"
+FUSED_GEMM = scaled_mm.fused_w8a8_scaled_mm.__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What runs for one layer and input shape.
+
+    Attributes:
+      quantizer: the quantizer's name (module docstring), None for fp8 input.
+      gemm: the GEMM's name: one of `scaled_mm`'s four paths, or "kernel.quant_scaled_mm".
+      reason: why, in words (not part of equality: plans that run the same code are equal).
+      kernel: the fused kernel whose functions the plan runs; None when it runs none of them.
+      depends_on_rows: whether another M could change the GEMM (the kernel's measured table was
+        read).
+    """
+
+    quantizer: str | None
+    gemm: str
+    reason: str = dataclasses.field(default="", compare=False)
+    kernel: FusedKernel | None = dataclasses.field(default=None, repr=False)
+    depends_on_rows: bool = dataclasses.field(default=False, compare=False)
+
+
+def choose_quantizer(
+    activation_scheme: ActivationScheme, k: int, input_dtype, fp8_dtype, kernel: FusedKernel | None
+) -> tuple[str, str]:
+    """`(quantizer name, reason)` for a float input `(M, K)` quantized outside the GEMM."""
+    if activation_scheme != "dynamic_per_token":
+        return XLA_QUANTIZERS[activation_scheme], f"{activation_scheme} activations: the XLA formula"
+    if kernel is None or kernel.per_token_quant is None:
+        return XLA_QUANTIZERS[activation_scheme], "no per-token quant kernel: the XLA formula"
+    if np.dtype(fp8_dtype) not in kernel.fp8_dtypes or not kernel.per_token_quant_supports(k, input_dtype, fp8_dtype):
+        return (
+            XLA_QUANTIZERS[activation_scheme],
+            f"the per-token quant kernel does not take K={k}, {np.dtype(input_dtype).name} -> "
+            f"{np.dtype(fp8_dtype).name}: the XLA formula",
+        )
+    return KERNEL_PER_TOKEN_QUANT, "the fused per-token quant kernel"
+
+
+def _kernel_takes_gemm(kernel: FusedKernel | None, k: int, n: int, fp8_dtype) -> tuple[bool, str]:
+    if kernel is None:
+        return False, "no fused kernel (none on this device, or fused_supported=False)"
+    if np.dtype(fp8_dtype) not in kernel.fp8_dtypes:
+        return False, f"the fused kernel takes {[d.name for d in kernel.fp8_dtypes]}, not {np.dtype(fp8_dtype).name}"
+    if not kernel.supports_shape(k, n):
+        return False, f"the fused kernel does not take K={k}, N={n}"
+    return True, "the fused kernel takes the shape"
+
+
+def plan(
+    scheme: Fp8Scheme,
+    *,
+    input_shape: tuple[int, int],
+    input_dtype,
+    weight_shape: tuple[int, int],
+    weight_dtype,
+    out_dtype,
+    kernel: FusedKernel | None,
+) -> Plan:
+    """The plan for `input (M, K)` through a layer with `weight (N, K)` quantized by `scheme`.
+
+    Args:
+      scheme: the layer's weight granularity and activation scheme (static: an `input_scale`;
+        fp8 input is quantized statically).
+      input_shape: `(M, K)` as the GEMM sees it (M after bucketing).
+      input_dtype: bf16/f16/f32, or an fp8 dtype for pre-quantized input.
+      weight_shape: `(N, K)`.
+      weight_dtype: the fp8 dtype of the weight (and of the activation codes).
+      out_dtype: the output dtype.
+      kernel: the platform's fused kernel, or None where none may run.
+    """
+    (m, k), n = input_shape, weight_shape[0]
+    per_tensor_activations = not scheme.per_token
+    takes, why = _kernel_takes_gemm(kernel, k, n, weight_dtype)
+    path = scaled_mm.dispatch_w8a8_scaled_mm(takes, scheme.per_tensor_weights, per_tensor_activations, scheme.per_token)
+    gemm = path.__name__
+    depends_on_rows = gemm == FUSED_GEMM
+    if gemm == FUSED_GEMM and not kernel.faster_than_xla(m, k, n):
+        # Measured slower here: XLA's GEMM of the same (rowwise-scaled) math.
+        both_per_tensor = scheme.per_tensor_weights and per_tensor_activations
+        gemm = (
+            scaled_mm.xla_per_tensor_w8a8_scaled_mm if both_per_tensor else scaled_mm.xla_per_token_w8a8_scaled_mm
+        ).__name__
+        why = f"the fused kernel measured slower than XLA at M={m}, K={k}, N={n}"
+    elif gemm != FUSED_GEMM and takes:
+        why = f"{why}, but the tree picks XLA for this scheme"
+
+    if dtypes.is_fp8(input_dtype):
+        quantizer, quant_why = None, "fp8 input"
+    elif (
+        gemm == FUSED_GEMM
+        and kernel.quant_scaled_mm is not None
+        and scheme.activation_scheme != "dynamic_per_tensor"
+        and kernel.quant_scaled_mm_supports(m, k, n, input_dtype, weight_dtype, out_dtype, scheme.per_token)
+    ):
+        quantizer = gemm = KERNEL_QUANT_SCALED_MM
+        quant_why = "quantized inside the GEMM kernel"
+    else:
+        quantizer, quant_why = choose_quantizer(scheme.activation_scheme, k, input_dtype, weight_dtype, kernel)
+    runs_kernel = gemm in (FUSED_GEMM, KERNEL_QUANT_SCALED_MM) or quantizer == KERNEL_PER_TOKEN_QUANT
+    reason = f"GEMM: {why}; quantizer: {quant_why}"
+    return Plan(quantizer, gemm, reason, kernel if runs_kernel else None, depends_on_rows)

@@ -74,8 +74,8 @@ def jax_variants(m, k, n, key):
     keys = jax.random.split(key, 4)
     xs = [jax.random.normal(jax.random.fold_in(keys[0], i), (m, k), jnp.bfloat16) for i in range(COPIES)]
     ws = [jax.random.normal(jax.random.fold_in(keys[1], i), (n, k), jnp.bfloat16) * 0.02 for i in range(COPIES)]
-    qxs = [(x.astype(jnp.float32) * 64).astype(jnp.float8_e4m3fn) for x in xs]
-    qws = [(w.astype(jnp.float32) * 2000).astype(jnp.float8_e4m3fn) for w in ws]
+    qxs = [jnp.clip(x.astype(jnp.float32) * 64, -448, 448).astype(jnp.float8_e4m3fn) for x in xs]
+    qws = [jnp.clip(w.astype(jnp.float32) * 2000, -448, 448).astype(jnp.float8_e4m3fn) for w in ws]
     sa_t, sb_t = jnp.array([0.02], jnp.float32), jnp.array([5e-4], jnp.float32)
     sa_r = jax.random.uniform(keys[2], (m, 1), minval=0.01, maxval=0.03)
     sb_r = jax.random.uniform(keys[3], (n, 1), minval=4e-4, maxval=6e-4)

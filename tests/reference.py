@@ -92,16 +92,3 @@ def assert_bit_identical(got, want) -> None:
     bits = np.uint8 if got.itemsize == 1 else np.uint32
     differ = got.view(bits) != want.view(bits)
     assert not differ.any(), f"{differ.sum()} of {got.size} values differ"
-
-
-def assert_per_token_exact(q, scale, x, scale_ub, fp8_dtype) -> None:
-    """A per-token quantizer's `(q, scale)` for `x` is bit-identical to this module's float64
-    reference and to the library's XLA formula (`quantization.quantize_per_token`)."""
-    from w8a8_jax import quantization
-
-    ref_q, ref_scale = quant_dynamic_per_token(x, scale_ub, fp8_dtype)
-    xla_q, xla_scale = quantization.quantize_per_token(x, scale_ub, fp8_dtype)
-    assert_bit_identical(q, ref_q)
-    assert_bit_identical(scale, ref_scale)
-    assert_bit_identical(q, xla_q)
-    assert_bit_identical(scale, xla_scale)

@@ -2,17 +2,27 @@
 
 from w8a8_jax import demo, platform
 
+PATHS = {
+    "bf16 (no quantization)": "XLA dot_general",
+    "dynamic per-tensor x per-tensor W": "xla_per_tensor_w8a8_scaled_mm",
+    "dynamic per-token x per-channel W": "xla_per_token_w8a8_scaled_mm",
+    "static x per-channel W": "xla_channelwise_w8a8_scaled_mm",
+}
+
 
 def test_demo_rows(monkeypatch, capsys):
     for backend in demo.SIZES:  # small on every backend
         monkeypatch.setitem(demo.SIZES, backend, (16, 256, 512))
-    demo.main(seed=1)
-    lines = capsys.readouterr().out.splitlines()
-    rows = [line for line in lines if "e-0" in line]
+    rows = list(demo.run(seed=1))
     # bf16, the three unfused fp8 schemes, and the fused one where a fused kernel is registered.
-    assert len(rows) == (5 if platform.fused_fp8_supported() else 4), lines
-    for name in ("XLA dot_general", "xla_per_tensor_w8a8_scaled_mm", "xla_per_token_w8a8_scaled_mm"):
-        assert any(name in row for row in rows), (name, lines)
-    errors = [float(row.split()[-2]) for row in rows]
+    assert [row["scheme"] for row in rows[:4]] == list(PATHS), rows
+    assert len(rows) == (5 if platform.fused_fp8_supported() else 4), rows
+    for row in rows[:4]:
+        assert row["path"] == PATHS[row["scheme"]], row
+    errors = [row["error"] for row in rows]
     # fp8 e4m3 keeps 3 mantissa bits: ~6% relative error through the block; bf16 well under that.
     assert errors[0] < 0.02 and all(0.01 < e < 0.12 for e in errors[1:]), errors
+    assert all(row["seconds"] > 0 for row in rows)
+    demo.main(seed=1)  # prints one line per row
+    printed = capsys.readouterr().out
+    assert all(row["scheme"] in printed and row["path"] in printed for row in rows), printed

@@ -24,8 +24,8 @@ OUT_DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
 def make_operands(key, m, k, n, per_token, per_channel, with_bias=True):
     """Random fp8 operands spanning the e4m3 range, positive scales, and a bias."""
     ks = jax.random.split(key, 5)
-    qinput = (jax.random.normal(ks[0], (m, k)) * 64).astype(jnp.float8_e4m3fn)
-    weight = (jax.random.normal(ks[1], (n, k)) * 64).astype(jnp.float8_e4m3fn)
+    qinput = jnp.asarray(reference.fp8_cast(np.asarray(jax.random.normal(ks[0], (m, k))) * 64, jnp.float8_e4m3fn))
+    weight = jnp.asarray(reference.fp8_cast(np.asarray(jax.random.normal(ks[1], (n, k))) * 64, jnp.float8_e4m3fn))
     scale_a = jax.random.uniform(ks[2], (m, 1) if per_token else (1,), minval=0.5, maxval=2.0) * 1e-2
     scale_b = jax.random.uniform(ks[3], (n, 1) if per_channel else (1,), minval=0.5, maxval=2.0) * 1e-3
     bias = jax.random.normal(ks[4], (n,)) * 4 if with_bias else None

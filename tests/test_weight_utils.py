@@ -22,7 +22,7 @@ def fused_weight(key, widths, k=64):
     """Codes of three shards, each quantized with its own per-tensor scale."""
     k1, k2 = jax.random.split(key)
     scales = np.asarray(jax.random.uniform(k1, (len(widths),), minval=0.5, maxval=4.0), np.float32) * 1e-3
-    codes = np.asarray((jax.random.normal(k2, (sum(widths), k)) * 100).astype(jnp.float8_e4m3fn))
+    codes = reference.fp8_cast(np.asarray(jax.random.normal(k2, (sum(widths), k))) * 100, jnp.float8_e4m3fn)
     return jnp.asarray(codes), jnp.asarray(scales)
 
 

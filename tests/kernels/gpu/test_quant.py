@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import reference
+from tests.kernels import exactness
 from w8a8_jax import dispatch, quantization
 from w8a8_jax.kernels.gpu import quant, supports_device
 
@@ -15,7 +15,7 @@ on_hopper = jax.devices()[0].platform == "gpu" and supports_device(jax.devices()
 
 def check_quant(x, scale_ub=None, fp8_dtype=jnp.float8_e4m3fn, *, interpret=True, rows_per_block=1):
     q, scale = quant.per_token_quant(x, scale_ub, fp8_dtype, interpret=interpret, rows_per_block=rows_per_block)
-    reference.assert_per_token_exact(q, scale, x, scale_ub, fp8_dtype)
+    exactness.assert_per_token_exact(q, scale, x, scale_ub, fp8_dtype)
     return q, scale
 
 
@@ -112,4 +112,4 @@ def test_hopper_scale_ub_and_dispatch(key):
     x = spread_rows(key, 33, 4096, jnp.bfloat16)
     ub = jnp.array([0.5], jnp.float32)
     q, scale = quantization.scaled_fp8_quant(x, scale_ub=ub, use_per_token_if_dynamic=True)
-    reference.assert_per_token_exact(q, scale, x, ub, jnp.float8_e4m3fn)
+    exactness.assert_per_token_exact(q, scale, x, ub, jnp.float8_e4m3fn)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import reference
+from tests.kernels import exactness
 from tests.kernels.tpu.conftest import INTERPRET
 from w8a8_jax.kernels.tpu import per_token_quant
 
@@ -13,7 +13,7 @@ from w8a8_jax.kernels.tpu import per_token_quant
 def check_quant(x, scale_ub=None, fp8_dtype=jnp.float8_e4m3fn):
     """Exact against the NumPy reference and the foundation's XLA `quantize_per_token`."""
     q, scale = per_token_quant(x, scale_ub, fp8_dtype, interpret=INTERPRET)
-    reference.assert_per_token_exact(q, scale, x, scale_ub, fp8_dtype)
+    exactness.assert_per_token_exact(q, scale, x, scale_ub, fp8_dtype)
     assert np.isfinite(np.asarray(q, np.float32)).all() and np.isfinite(np.asarray(scale)).all()
     assert (np.asarray(scale) > 0).all()
     return q, scale

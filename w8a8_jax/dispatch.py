@@ -112,12 +112,12 @@ def plan(
     gemm = path.__name__
     depends_on_rows = gemm == FUSED_GEMM
     if gemm == FUSED_GEMM and not kernel.faster_than_xla(m, k, n):
-        # Measured slower here: XLA's GEMM of the same (rowwise-scaled) math.
+        # Not measured faster here: XLA's GEMM of the same (rowwise-scaled) math.
         both_per_tensor = scheme.per_tensor_weights and per_tensor_activations
         gemm = (
             scaled_mm.xla_per_tensor_w8a8_scaled_mm if both_per_tensor else scaled_mm.xla_per_token_w8a8_scaled_mm
         ).__name__
-        why = f"the fused kernel measured slower than XLA at M={m}, K={k}, N={n}"
+        why = f"the fused kernel is not measured faster than XLA at M={m}, K={k}, N={n}"
     elif gemm != FUSED_GEMM and takes:
         why = f"{why}, but the tree picks XLA for this scheme"
 

@@ -114,8 +114,3 @@ class Fp8Params:
     def to_dict(self) -> dict[str, jax.Array]:
         """The parameters present, keyed as the modules name them (a linen "params" entry)."""
         return {name: getattr(self, name) for name in PARAM_NAMES if getattr(self, name) is not None}
-
-    @property
-    def per_tensor_weights(self) -> bool:
-        """One weight scale per layer (N = 1 reads as per tensor: the same math)."""
-        return self.weight_scale.size == math.prod(self.weight.shape[:-2])

@@ -1,6 +1,7 @@
 """Independent NumPy references, written from vLLM's formulas (never by calling w8a8_jax).
 
-Quantization is emulated in float32 exactly as vLLM's kernels compute it; GEMMs are float64.
+Quantization is emulated in float32 exactly as vLLM's kernels compute it (the amax over the finite
+entries only, as its `fmaxf` skips NaN); GEMMs are float64.
 """
 
 import jax
@@ -27,10 +28,21 @@ def quant_static(x, scale, fp8_dtype=ml_dtypes.float8_e4m3fn) -> np.ndarray:
     return fp8_cast(x * inverse, fp8_dtype)
 
 
+def finite_amax(x: np.ndarray, axis=None) -> np.ndarray:
+    """max |x| over the finite entries (0 where none): NaN and ±Inf never set a scale."""
+    magnitude = np.abs(x)
+    magnitude[~np.isfinite(magnitude)] = 0
+    return magnitude.max(axis=axis, keepdims=axis is not None, initial=0).astype(np.float32)
+
+
 def quant_dynamic_per_tensor(x, fp8_dtype=ml_dtypes.float8_e4m3fn):
-    """(codes, scale (1,)) with s = amax / max (float32 division)."""
+    """(codes, scale (1,)) with s = amax / max (float32 division); an all-zero input gets
+    s = 1 / (max * 512)."""
     x = to_np(x).astype(np.float32)
-    scale = np.float32(np.abs(x).max()) / np.float32(FP8_MAX[np.dtype(fp8_dtype)])
+    fp8_max = np.float32(FP8_MAX[np.dtype(fp8_dtype)])
+    scale = np.float32(finite_amax(x)) / fp8_max
+    if scale < np.finfo(np.float32).tiny:
+        scale = np.float32(1.0) / (fp8_max * np.float32(512.0))
     return quant_static(x, scale, fp8_dtype), np.array([scale], np.float32)
 
 
@@ -38,7 +50,7 @@ def quant_dynamic_per_token(x, scale_ub=None, fp8_dtype=ml_dtypes.float8_e4m3fn)
     """(codes, scales (M, 1)) with s_m = max(min(amax_m, ub) / max, 1 / (max * 512))."""
     x = to_np(x).astype(np.float32)
     fp8_max = np.float32(FP8_MAX[np.dtype(fp8_dtype)])
-    amax = np.abs(x).max(axis=1, keepdims=True)
+    amax = finite_amax(x, axis=1)
     if scale_ub is not None:
         amax = np.minimum(amax, np.float32(np.asarray(scale_ub).reshape(())))
     scale = np.maximum(amax / fp8_max, np.float32(1.0) / (fp8_max * np.float32(512.0))).astype(np.float32)

@@ -176,7 +176,7 @@ def test_plan_is_what_runs(monkeypatch, key, activation, per_channel, fp8_input,
     with platform.override(fused_kernel=recorder.kernel):
         plan = op.plan(x, weight, weight_scale, input_scale, bias=bias)
         assert (plan.quantizer, plan.gemm) == (quantizer, gemm), plan.reason
-        linear._linear_2d.clear_cache()  # so the spies run at trace time
+        linear._run_plan.clear_cache()  # so the spies run at trace time
         out = op.apply(x, weight, weight_scale, input_scale=input_scale, bias=bias)
     ran = [name for name in (quantizer, gemm) if name is not None]
     assert [name for name in recorder.calls if name != "quantize_per_tensor" or quantizer == name] == list(
@@ -194,7 +194,7 @@ def test_fused_supported_false_calls_no_kernel(monkeypatch, key, activation):
     op = Fp8LinearOp(fused_supported=False, use_per_token_if_dynamic=activation == "dynamic_per_token")
     with platform.override(fused_kernel=recorder.kernel):
         plan = op.plan(x, weight, weight_scale, input_scale, bias=bias)
-        linear._linear_2d.clear_cache()
+        linear._run_plan.clear_cache()
         op.apply(x, weight, weight_scale, input_scale=input_scale, bias=bias)
     assert plan.kernel is None and not plan.gemm.startswith(("fused", "kernel"))
     assert not [name for name in recorder.calls if name.startswith("kernel.")], recorder.calls

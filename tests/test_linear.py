@@ -107,10 +107,10 @@ def test_buckets_bound_compiles_and_keep_results(key):
     unpadded = Fp8LinearOp(fused_supported=False, use_per_token_if_dynamic=True, pad_output=False)
     sample = np.random.default_rng(int(jax.random.randint(k3, (), 0, 2**30))).integers(65, 4097, 120)
     rows = sorted({*range(1, 65), *sample.tolist(), 4096})
-    linear._linear_2d.clear_cache()
+    linear._run_plan.clear_cache()
     for m in rows:
         op.apply(pool[:m], weight, weight_scale, bias=bias)
-    assert linear._linear_2d._cache_size() == len({bucket_rows(m) for m in rows})
+    assert linear._run_plan._cache_size() == len({bucket_rows(m) for m in rows})
     assert len({bucket_rows(m) for m in range(1, 4097)}) == 28
     for m in (1, 7, 65, 1025, 3001):  # padding rows change nothing in the rows kept
         padded = np.asarray(op.apply(pool[:m], weight, weight_scale, bias=bias))

@@ -54,23 +54,33 @@ def _sample_inputs(path: str | None):
     return {name: data.tensor(name) for name in data.names}
 
 
+def _check_not_inside(output: Path, source) -> None:
+    """The output directory must be neither the source checkpoint's directory nor hold it."""
+    output = output.resolve()
+    for file in source.files:
+        if output in file.resolve().parents:
+            raise ValueError(f"the output {output} holds the input checkpoint; write to another directory")
+
+
 def _quantize(args: argparse.Namespace) -> None:
     from w8a8_jax import checkpoint
 
     source = checkpoint.SafetensorsCheckpoint(args.input)
+    _check_not_inside(Path(args.output), source)
     if "quantization_config" in source.config:
         raise ValueError(
             f"{args.input} is already quantized ({source.config['quantization_config'].get('quant_method')})"
         )
-    include, exclude = args.include, checkpoint.DEFAULT_EXCLUDE if args.exclude is None else args.exclude
-    layers, skipped = checkpoint.linear_weight_prefixes(source, include, exclude or None)
+    patterns = ([] if args.no_default_exclude else [checkpoint.DEFAULT_EXCLUDE]) + [p for p in args.exclude if p]
+    exclude = "|".join(f"(?:{pattern})" for pattern in patterns) or None
+    layers, skipped = checkpoint.linear_weight_prefixes(source, args.include, exclude)
     if not layers:
         raise ValueError(f"no float 2-D '*.weight' tensor in {args.input} matches --include/--exclude")
-    config = checkpoint.QuantizationConfig(
-        scheme=Fp8Scheme.from_names(args.weights, args.activations),
-        ignore=tuple(prefix for prefix in skipped if not re.search(checkpoint.NOT_LINEAR, prefix)),
-        form=None if args.format == "auto" else args.format,
-    )
+    scheme = Fp8Scheme.from_names(args.weights, args.activations)
+    form = args.format
+    if form == "auto":
+        form = "fp8" if checkpoint.QuantizationConfig.fp8_form_holds(scheme) else "compressed-tensors"
+    config = checkpoint.QuantizationConfig(scheme=scheme, ignore=checkpoint.ignored_layers(layers, skipped), form=form)
     calibration = _sample_inputs(args.calibrate)
     if calibration is not None and not config.is_static:
         print("w8a8-jax quantize: note: --calibrate is only used by --activations static", file=sys.stderr)
@@ -256,13 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude",
         type=_regex,
         metavar="REGEX",
-        help="leave layers whose prefix matches float (default: embeddings, norms, lm_head; '' excludes nothing)",
+        action="append",
+        default=[],
+        help="also leave layers whose prefix matches float (repeatable; embeddings, norms and lm_head always are, "
+        "unless --no-default-exclude)",
+    )
+    quantize.add_argument(
+        "--no-default-exclude",
+        action="store_true",
+        help="drop the default exclusions (embeddings, norms, lm_head): only --exclude patterns stay float",
     )
     quantize.add_argument(
         "--format",
-        choices=("auto", "fp8", "compressed-tensors"),
-        default="auto",
-        help="quantization_config form (default auto: 'fp8' where it can express the scheme)",
+        choices=("compressed-tensors", "fp8", "auto"),
+        default="compressed-tensors",
+        help="quantization_config form: compressed-tensors (default; vLLM, transformers and llm-compressor read "
+        "it), fp8 (vLLM's own per-tensor form: vLLM reads it, transformers misreads it as block fp8), auto (fp8 "
+        "where it can express the scheme)",
     )
     quantize.add_argument("--max-shard-size", type=_parse_size, default=4 << 30, metavar="SIZE", help="default 4GiB")
     quantize.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")

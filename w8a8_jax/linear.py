@@ -5,6 +5,7 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from w8a8_jax import dispatch, dtypes, layout, platform, quantization, scaled_mm, validation
@@ -27,7 +28,7 @@ def bucket_rows(m: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "plan"))
-def _linear_2d(x, weight, weight_scale, input_scale, input_scale_ub, bias, *, out_dtype, plan: dispatch.Plan):
+def _run_plan(x, weight, weight_scale, input_scale, input_scale_ub, bias, *, out_dtype, plan: dispatch.Plan):
     """`x (M, K)` float or fp8 -> `(M, N)` out_dtype, running what `plan` names; one program per
     shape and plan (the plan is part of the cache key, so a new plan compiles anew)."""
     if plan.gemm == dispatch.KERNEL_QUANT_SCALED_MM:
@@ -43,12 +44,43 @@ def _linear_2d(x, weight, weight_scale, input_scale, input_scale_ub, bias, *, ou
     return scaled_mm.run_gemm(plan.gemm, plan.kernel, qinput, weight, x_scale, weight_scale, bias, out_dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _linear_2d(x, weight, weight_scale, input_scale, input_scale_ub, bias, out_dtype, plan: dispatch.Plan):
+    """`_run_plan`, differentiable by the straight-through estimate (see `_linear_2d_backward`)."""
+    return _run_plan(x, weight, weight_scale, input_scale, input_scale_ub, bias, out_dtype=out_dtype, plan=plan)
+
+
+def _linear_2d_forward(x, weight, weight_scale, input_scale, input_scale_ub, bias, out_dtype, plan):
+    out = _linear_2d(x, weight, weight_scale, input_scale, input_scale_ub, bias, out_dtype, plan)
+    return out, (x, weight, weight_scale, input_scale, input_scale_ub, bias)
+
+
+def _linear_2d_backward(out_dtype, plan, residuals, cotangent):
+    """The input's cotangent is `g @ dequant(weight)` in float32 (the straight-through estimate:
+    quantizing the input counts as the identity), cast to the input's dtype (zero for fp8 input);
+    the bias gets `sum_m g`. The fp8 weight and every scale are constants: zero cotangents."""
+    x, weight, weight_scale, input_scale, input_scale_ub, bias = residuals
+    g = cotangent.astype(jnp.float32)
+    if dtypes.is_fp8(x.dtype):
+        dx = jnp.zeros_like(x)
+    else:
+        dequantized = weight.astype(jnp.float32) * weight_scale.reshape(-1, 1)  # (N, K)
+        dx = jnp.dot(g, dequantized, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
+    dbias = None if bias is None else jnp.sum(g, axis=0).astype(bias.dtype)
+    zeros = jax.tree.map(jnp.zeros_like, (weight, weight_scale, input_scale, input_scale_ub))
+    return (dx, *zeros, dbias)
+
+
+_linear_2d.defvjp(_linear_2d_forward, _linear_2d_backward)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Call:
     """One call's checked arguments and what the plan needs of them."""
 
     weight_scale: jax.Array
     input_scale: jax.Array | None
+    input_scale_ub: jax.Array | None
     out_dtype: np.dtype
     scheme: Fp8Scheme
     rows: int  # M of the input
@@ -102,6 +134,8 @@ class Fp8LinearOp:
         per_token = bool(self.use_per_token_if_dynamic if per_token is None else per_token)
         validation.check_fp8("weight", weight)
         n, k = weight.shape
+        if n == 0 or k == 0:
+            raise ValueError(f"weight must be (N, K) with N, K >= 1, got shape {tuple(weight.shape)}")
         if len(input.shape) < 1 or input.shape[-1] != k:
             raise ValueError(f"input must be (..., K) with K={k} (weight's last dim), got shape {tuple(input.shape)}")
         if dtypes.is_fp8(input.dtype):
@@ -119,15 +153,19 @@ class Fp8LinearOp:
         validation.check_scale_values("weight_scale", weight_scale)
         if input_scale is not None:
             input_scale = validation.per_tensor_scale("input_scale", input_scale)
-        if input_scale_ub is not None and (input_scale is not None or not per_token):
-            raise ValueError("input_scale_ub applies only to dynamic per-token quantization")
+        if input_scale_ub is not None:
+            if input_scale is not None or not per_token:
+                raise ValueError("input_scale_ub applies only to dynamic per-token quantization")
+            input_scale_ub = validation.per_tensor_scale("input_scale_ub", input_scale_ub)
         if bias is not None and tuple(bias.shape) != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
         activation = "static" if input_scale is not None else "dynamic_per_token" if per_token else "dynamic_per_tensor"
         scheme = Fp8Scheme("per_tensor" if validation.is_per_tensor(weight_scale) else "per_channel", activation)
         rows = math.prod(input.shape[:-1])
         padded = self.pad_output and not isinstance(input, jax.core.Tracer)
-        return _Call(weight_scale, input_scale, out_dtype, scheme, rows, bucket_rows(rows) if padded else rows)
+        return _Call(
+            weight_scale, input_scale, input_scale_ub, out_dtype, scheme, rows, bucket_rows(rows) if padded else rows
+        )
 
     def _plan(self, call: _Call, input, weight) -> dispatch.Plan:
         return dispatch.plan(
@@ -186,13 +224,15 @@ class Fp8LinearOp:
         call = self._check(
             input, weight, weight_scale, out_dtype, input_scale, input_scale_ub, bias, use_per_token_if_dynamic
         )
-        plan = self._plan(call, input, weight)
         k, n = weight.shape[1], weight.shape[0]
+        if call.rows == 0:
+            return jnp.zeros((*input.shape[:-1], n), call.out_dtype)
+        plan = self._plan(call, input, weight)
         x = input.reshape(-1, k)
         if call.gemm_rows != call.rows:
-            x = jax.numpy.pad(x, ((0, call.gemm_rows - call.rows), (0, 0)))
+            x = jnp.pad(x, ((0, call.gemm_rows - call.rows), (0, 0)))
         out = _linear_2d(
-            x, weight, call.weight_scale, call.input_scale, input_scale_ub, bias, out_dtype=call.out_dtype, plan=plan
+            x, weight, call.weight_scale, call.input_scale, call.input_scale_ub, bias, call.out_dtype, plan
         )
         return out[: call.rows].reshape(*input.shape[:-1], n)
 
@@ -203,7 +243,7 @@ class Fp8LinearOp:
         then `input` (an array or `jax.ShapeDtypeStruct`, `(..., K)`) is required.
         """
         n, k = weight.shape
-        probe = input if input is not None else jax.ShapeDtypeStruct((1, k), jax.numpy.bfloat16)
+        probe = input if input is not None else jax.ShapeDtypeStruct((1, k), jnp.bfloat16)
         plan = self.plan(probe, weight, weight_scale, input_scale, use_per_token_if_dynamic=use_per_token_if_dynamic)
         if input is None and plan.depends_on_rows:
             raise ValueError("the fused kernel takes this shape and whether it runs depends on M: pass input=")

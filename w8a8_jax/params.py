@@ -74,6 +74,7 @@ class Fp8Params:
         scheme: Fp8Scheme,
         input_scale: jax.Array | None = None,
         shard_widths: Sequence[int] | None = None,
+        name: str = "kernel",
     ) -> "Fp8Params":
         """Quantizes a float Flax kernel `(K, N)` (and bias `(N,)`, kept as it is) by `scheme`.
 
@@ -84,17 +85,26 @@ class Fp8Params:
         `shard_widths` marks a fused projection (QKV, gate/up: the kernel's N split into shards):
         each shard is quantized per tensor with its own scale, as separately stored shards are,
         and the shards are fused as vLLM does (`weight_utils.fuse_fp8_shards`).
+
+        A concrete kernel must be finite; `name` (e.g. the layer's path) names it in the errors.
         """
         fp8_dtype = platform.resolve_fp8_dtype(scheme.fp8_dtype)
-        weight = jnp.asarray(kernel).T
+        kernel = jnp.asarray(kernel)
+        if kernel.ndim != 2 or 0 in kernel.shape:
+            raise ValueError(f"{name} must be (K, N) with K, N >= 1, got shape {tuple(kernel.shape)}")
+        validation.check_finite(name, kernel, ": weights must be finite to be quantized")
+        weight = kernel.T
         if shard_widths is None:
-            codes, weight_scale = quantization.quantize_weight(weight, scheme.weight_granularity, fp8_dtype)
+            codes, weight_scale = quantization.quantize_weight(weight, scheme.weight_granularity, fp8_dtype, name=name)
         else:
-            if sum(shard_widths) != weight.shape[0]:
-                raise ValueError(f"shard_widths must sum to the kernel's N={weight.shape[0]}, got {list(shard_widths)}")
+            if any(width < 1 for width in shard_widths) or sum(shard_widths) != weight.shape[0]:
+                raise ValueError(
+                    f"shard_widths must be >= 1 and sum to the kernel's N={weight.shape[0]}, got {list(shard_widths)}"
+                )
             splits = np.cumsum(shard_widths)[:-1]
             shards = [
-                quantization.quantize_weight(shard, "per_tensor", fp8_dtype) for shard in jnp.split(weight, splits)
+                quantization.quantize_weight(shard, "per_tensor", fp8_dtype, name=name)
+                for shard in jnp.split(weight, splits)
             ]
             codes, weight_scale = weight_utils.fuse_fp8_shards(shards, scheme.weight_granularity)
         if scheme.is_static:

@@ -6,7 +6,11 @@ For a fp8 dtype with clamp bound `max` (448 for e4m3fn, 224 for e4m3fnuz):
   dynamic per-token:           q = fp8(clamp(x / s_m, -max, max))
       s_m = max(min(amax_m, scale_ub) / max, 1 / (max * 512)), one per row
 All arithmetic is float32; the cast rounds to nearest even. Codes are bit-identical to vLLM's CUDA
-kernels for the same scale. Weights (`quantize_weight`), calibrated static scales
+kernels for the same scale.
+
+Non-finite inputs stay where they are: the amax is taken over the finite values only (`finite_amax`),
+so a scale is always finite and > 0; a NaN element becomes a NaN code (its token's outputs are NaN)
+and ±Inf saturates to ±max. No other element's code or scale changes. Weights (`quantize_weight`), calibrated static scales
 (`static_input_scale`) and every activation path (`quantize_activation`: the op, `scaled_fp8_quant`
 and the row-parallel layer) use these formulas and no others.
 """
@@ -34,11 +38,13 @@ def true_divide(numerator, denominator) -> jax.Array:
     """
     numerator = jnp.asarray(numerator, jnp.float32)
     denominator = jnp.asarray(denominator, jnp.float32)
+    # `0 * ±inf` is NaN: the zero is taken of the numerator clamped to the finite range instead.
+    bound = float(np.finfo(np.float32).max)
+    zero = 0 * jnp.clip(numerator, -bound, bound)
     if jax.default_backend() == "tpu":
-        return numerator / (denominator + 0 * numerator)
+        return numerator / (denominator + zero)
     with jax.enable_x64(True):
-        wide_numerator = numerator.astype(jnp.float64)
-        quotient = wide_numerator / (denominator.astype(jnp.float64) + 0 * wide_numerator)
+        quotient = numerator.astype(jnp.float64) / (denominator.astype(jnp.float64) + zero.astype(jnp.float64))
         return quotient.astype(jnp.float32)
 
 
@@ -48,6 +54,14 @@ AmaxReduce = Callable[[jax.Array], jax.Array]
 def _to_fp8(scaled: jax.Array, fp8_dtype) -> jax.Array:
     bound = dtypes.fp8_max(fp8_dtype)
     return jnp.clip(scaled, -bound, bound).astype(fp8_dtype)
+
+
+def finite_amax(x: jax.Array, axis: int | None = None) -> jax.Array:
+    """max |x| over the finite elements of `x` (0 where there are none), float32; over `axis`
+    (kept, size 1) or the whole array. NaN and ±Inf are skipped, as CUDA's `fmaxf` skips NaN."""
+    magnitude = jnp.abs(x.astype(jnp.float32))
+    magnitude = jnp.where(magnitude < jnp.inf, magnitude, 0)  # False for NaN and Inf
+    return jnp.max(magnitude, axis=axis, keepdims=axis is not None, initial=0.0)
 
 
 def scale_from_amax(amax: jax.Array, fp8_dtype) -> jax.Array:
@@ -79,7 +93,7 @@ def quantize_dynamic_per_tensor(
 
     `reduce_amax` combines the amax with other shards' (e.g. a `pmax` over a row-parallel axis).
     """
-    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+    amax = finite_amax(x)
     if reduce_amax is not None:
         amax = reduce_amax(amax)
     scale = scale_from_amax(amax, fp8_dtype)
@@ -95,7 +109,7 @@ def quantize_per_token(
     row-parallel layer, reduced with `pmax`).
     """
     x = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+    amax = finite_amax(x, axis=1)
     if reduce_amax is not None:
         amax = reduce_amax(amax)
     if scale_ub is not None:
@@ -147,16 +161,20 @@ def run_quantizer(
     )
 
 
-def quantize_weight(weight: jax.Array, weight_granularity: str, fp8_dtype) -> tuple[jax.Array, jax.Array]:
+def quantize_weight(
+    weight: jax.Array, weight_granularity: str, fp8_dtype, *, name: str = "weight"
+) -> tuple[jax.Array, jax.Array]:
     """A float weight `(N, K)` -> fp8 codes `(N, K)` and float32 `weight_scale`.
 
     The scale is `amax / fp8_max` over the whole weight (`(1,)`, "per_tensor") or over each output
     channel (`(N, 1)`, "per_channel"): vLLM's online weight quantization (the dynamic per-tensor
-    formula, or the per-token one on the `(N, K)` rows).
+    formula, or the per-token one on the `(N, K)` rows). A concrete weight must be finite (a NaN or
+    Inf would silently shrink or skip its scale); `name` names it in the errors.
     """
     weight = jnp.asarray(weight)
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be (N, K), got shape {tuple(weight.shape)}")
+    if weight.ndim != 2 or 0 in weight.shape:
+        raise ValueError(f"{name} must be (N, K) with N, K >= 1, got shape {tuple(weight.shape)}")
+    validation.check_finite(name, weight, ": weights must be finite to be quantized")
     if weight_granularity == "per_channel":
         return quantize_per_token(weight, None, fp8_dtype)
     if weight_granularity == "per_tensor":

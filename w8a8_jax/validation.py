@@ -56,6 +56,17 @@ def check_scale_values(name: str, scale: jax.Array) -> None:
         raise ValueError(f"{name} must be finite and > 0, got {values[bad].ravel()[:4]} among its values")
 
 
+def check_finite(name: str, x, what: str = "") -> None:
+    """Rejects a concrete array holding NaN or ±Inf (traced arrays pass); `what` ends the message."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    values = np.asarray(x)
+    if values.dtype.kind == "f" or dtypes.is_fp8(values.dtype) or values.dtype == jnp.bfloat16:
+        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values.astype(np.float32))))
+        if bad:
+            raise ValueError(f"{name} holds {bad} NaN or Inf value{'s' if bad > 1 else ''}{what}")
+
+
 def per_tensor_scale(name: str, scale) -> jax.Array:
     """A one-value scale (array or number; shape (), (1,) or (1, 1)) checked and returned as `(1,)` float32."""
     scale = as_scale(name, scale)

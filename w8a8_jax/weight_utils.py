@@ -27,6 +27,8 @@ def all_close_1d(x) -> bool:
 
 
 def _check_shards(weight_scale: jax.Array, logical_widths: Sequence[int], rows: int | None = None) -> None:
+    if not logical_widths or not all(isinstance(w, int | np.integer) and w >= 1 for w in logical_widths):
+        raise ValueError(f"logical_widths must be positive ints, one per shard, got {list(logical_widths)}")
     if weight_scale.size < len(logical_widths):
         raise ValueError(
             f"weight_scale must hold one scale per shard ({len(logical_widths)} for logical_widths="
@@ -54,8 +56,12 @@ def requantize_with_max_scale(
     validation.check_fp8("weight", weight)
     weight_scale = validation.as_scale("weight_scale", weight_scale).reshape(-1)
     _check_shards(weight_scale, logical_widths, rows=weight.shape[0])
+    not_loaded = float(jnp.finfo(weight.dtype).min)
+    if not isinstance(weight_scale, jax.core.Tracer):
+        values = np.asarray(weight_scale)
+        validation.check_scale_values("weight_scale", values[values != not_loaded])
     max_w_scale = jnp.max(weight_scale)
-    unfused_module_in_checkpoint = weight_scale[-1] > float(jnp.finfo(weight.dtype).min)
+    unfused_module_in_checkpoint = weight_scale[-1] > not_loaded
     shard_scales = jnp.repeat(
         weight_scale[: len(logical_widths)], np.asarray(logical_widths), total_repeat_length=weight.shape[0]
     )
@@ -68,6 +74,7 @@ def convert_to_channelwise(weight_scale: jax.Array, logical_widths: Sequence[int
     """Expands per-shard scales `(S,)` to per-channel scales `(sum(logical_widths), 1)` float32."""
     weight_scale = validation.as_scale("weight_scale", weight_scale).reshape(-1)
     _check_shards(weight_scale, logical_widths)
+    validation.check_scale_values("weight_scale", weight_scale[: len(logical_widths)])
     total = int(sum(logical_widths))
     return jnp.repeat(
         weight_scale[: len(logical_widths)], np.asarray(logical_widths), total_repeat_length=total
@@ -84,12 +91,17 @@ def normalize_e4m3fn_to_e4m3fnuz(
     """
     if np.dtype(weight.dtype) != np.dtype(dtypes.FP8_E4M3FN):
         raise TypeError(f"weight must be float8_e4m3fn, got {np.dtype(weight.dtype).name}")
+    validation.check_fp8("weight", weight)
     bits = jax.lax.bitcast_convert_type(weight, jnp.int8)
     bits = jnp.where(bits == -128, jnp.int8(0), bits)
     weight = jax.lax.bitcast_convert_type(bits, dtypes.FP8_E4M3FNUZ)
-    weight_scale = validation.as_scale("weight_scale", weight_scale) * 2.0
+    weight_scale = validation.as_scale("weight_scale", weight_scale)
+    validation.check_scale_values("weight_scale", weight_scale)
+    weight_scale = weight_scale * 2.0
     if input_scale is not None:
-        input_scale = validation.as_scale("input_scale", input_scale) * 2.0
+        input_scale = validation.as_scale("input_scale", input_scale)
+        validation.check_scale_values("input_scale", input_scale)
+        input_scale = input_scale * 2.0
     return weight, weight_scale, input_scale
 
 

@@ -46,17 +46,19 @@ def expected_codes(weight, granularity):
 
 
 @pytest.mark.parametrize(
-    "weights,activations,form",
-    [("tensor", "dynamic", "fp8"), ("tensor", "static", "fp8"), ("channel", "static", "compressed-tensors"),
-     ("channel", "dynamic-token", "compressed-tensors"), ("tensor", "dynamic-token", "compressed-tensors")],
+    "weights,activations,format,form",
+    [("tensor", "dynamic", "fp8", "fp8"), ("tensor", "static", "fp8", "fp8"), ("tensor", "static", None, "compressed-tensors"),
+     ("tensor", "dynamic", "auto", "fp8"), ("channel", "static", None, "compressed-tensors"),
+     ("channel", "dynamic-token", "auto", "compressed-tensors"), ("tensor", "dynamic-token", None, "compressed-tensors")],
 )  # fmt: skip
-def test_quantize_inspect_report(tmp_path, rng, capsys, float_checkpoint, weights, activations, form):
+def test_quantize_inspect_report(tmp_path, rng, capsys, float_checkpoint, weights, activations, format, form):
     path, tensors = float_checkpoint
     calibration = {p: random_float(rng, (9, shape[1])) * 3 for p, shape in LAYERS.items()}
     save_file(calibration, str(tmp_path / "inputs.safetensors"))
     out_dir = tmp_path / "fp8"
+    format_args = [] if format is None else ["--format", format]
     code, out, err = run(capsys, "quantize", str(path), str(out_dir), "--weights", weights, "--activations", activations,
-                         "--calibrate", str(tmp_path / "inputs.safetensors"))  # fmt: skip
+                         "--calibrate", str(tmp_path / "inputs.safetensors"), *format_args)  # fmt: skip
     assert code == 0, err
     assert "quantize: 100%" in err and "6/6" in err  # the per-tensor progress bar
     assert (
@@ -95,8 +97,8 @@ def test_quantize_inspect_report(tmp_path, rng, capsys, float_checkpoint, weight
 
 def test_include_exclude_and_shards(tmp_path, capsys, float_checkpoint):
     path, _ = float_checkpoint
-    code, out, err = run(capsys, "quantize", str(path), str(tmp_path / "o"), "--include", "q_proj|lm_head", "--exclude", "",
-                         "--max-shard-size", "3KiB", "--no-progress")  # fmt: skip
+    code, out, err = run(capsys, "quantize", str(path), str(tmp_path / "o"), "--include", "q_proj|lm_head",
+                         "--no-default-exclude", "--max-shard-size", "3KiB", "--no-progress")  # fmt: skip
     assert code == 0, err
     assert "quantize:" not in err  # --no-progress
     fp8 = checkpoint.SafetensorsCheckpoint(tmp_path / "o")
@@ -115,7 +117,10 @@ def test_include_exclude_and_shards(tmp_path, capsys, float_checkpoint):
     [
         (["quantize", "{float}", "{tmp}/o", "--activations", "static"], "static activations need calibration inputs"),
         (["quantize", "{tmp}/missing", "{tmp}/o"], "no checkpoint at"),
-        (["quantize", "{float}", "{float}"], "exists and is not empty"),
+        (["quantize", "{float}", "{tmp}/float"], "holds the input checkpoint"),
+        (["quantize", "{float}", "{tmp}", "--overwrite"], "holds the input checkpoint"),
+        (["quantize", "{float}/model.safetensors", "{float}", "--overwrite"], "holds the input checkpoint"),
+        (["quantize", "{float}", "{tmp}/corrupt"], "exists and is not empty"),
         (["quantize", "{float}", "{tmp}/o", "--include", "nothing-matches"], "no float 2-D"),
         (["inspect", "{tmp}/corrupt"], "not a valid safetensors file"),
         (["report", "{float}", "{float}"], "no quantization_config"),

@@ -32,7 +32,8 @@ def test_round_trip(granularity, scheme, form):
             QuantizationConfig(granularity, scheme, form=form)
         return
     config = QuantizationConfig(granularity, scheme, ignore=("lm_head", "pooler.dense"), form=form)
-    assert config.form == form or (form is None and config.form == ("fp8" if fits_fp8 else "compressed-tensors"))
+    assert config.form == (form or "compressed-tensors")  # the form transformers reads too is the default
+    assert QuantizationConfig.fp8_form_holds(config.scheme) == fits_fp8
     assert QuantizationConfig.from_dict(config.to_dict()) == config
 
 
@@ -43,6 +44,14 @@ def test_round_trip(granularity, scheme, form):
         ({"quant_method": "fp8", "activation_scheme": "per_token"}, ValueError, "activation_scheme"),
         ({"quant_method": "fp8", "weight_block_size": [128, 128]}, NotImplementedError, "block"),
         ({"quant_method": "compressed-tensors", "config_groups": {}}, NotImplementedError, "one config group"),
+        ({"quant_method": "compressed-tensors", "config_groups": [{"weights": {}}]}, ValueError, "config_groups must"),
+        ({"quant_method": "compressed-tensors", "config_groups": {"g": "x"}}, ValueError, "config_groups.g must"),
+        (
+            {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": "fp8", "input_activations": {"num_bits": 8}}}},
+            ValueError,
+            "config_groups.g.weights must be a JSON object",
+        ),
+        ({"quant_method": "fp8", "ignored_layers": "lm_head"}, ValueError, "ignored_layers must be a list"),
         ("fp8", TypeError, "JSON object"),
     ],
 )

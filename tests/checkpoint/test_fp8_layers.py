@@ -180,7 +180,7 @@ ERRORS = [
         "static",
         r"proj.weight must be F8_E4M3, got F16",
     ),
-    ("proj.weight_scale", lambda t: t.astype(np.float16), "static", r"proj.weight_scale must be F32, got F16"),
+    ("proj.weight_scale", lambda t: t.astype(np.float64), "static", r"proj.weight_scale must be F32, BF16 or F16, got F64"),
     ("proj.weight_scale", lambda t: np.full((N, 1), t, np.float32), "static", r"proj.weight_scale has shape \(48, 1\)"),
     (
         "mlp.up.input_scale",

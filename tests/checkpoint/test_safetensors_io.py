@@ -113,8 +113,16 @@ def test_index_errors(tmp_path, rng):
     index_path = tmp_path / "ckpt" / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     index_path.write_text(json.dumps({"weight_map": {**index["weight_map"], "t0": index["weight_map"]["t1"]}}))
-    with pytest.raises(ValueError, match="maps tensor 't0'"):
+    with pytest.raises(ValueError, match=r"omits the shard\(s\) \['model-00001-of-00002.safetensors'\]"):
         SafetensorsCheckpoint(tmp_path / "ckpt")
+    both = {**index["weight_map"], "t0": index["weight_map"]["t1"], "t1": index["weight_map"]["t0"]}
+    index_path.write_text(json.dumps({"weight_map": both}))
+    with pytest.raises(ValueError, match="maps tensor 't[01]'"):
+        SafetensorsCheckpoint(tmp_path / "ckpt")
+    for outside in ("../model-00001-of-00002.safetensors", "/etc/passwd", "sub/model.safetensors"):
+        index_path.write_text(json.dumps({"weight_map": {**index["weight_map"], "t0": outside}}))
+        with pytest.raises(ValueError, match="not a file name in"):
+            SafetensorsCheckpoint(tmp_path / "ckpt")
     index_path.write_text(json.dumps(index))
     os.unlink(tmp_path / "ckpt" / "model-00001-of-00002.safetensors")
     with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors is missing"):
@@ -122,6 +130,20 @@ def test_index_errors(tmp_path, rng):
     index_path.write_text("{not json")
     with pytest.raises(ValueError, match="index.json: not valid JSON"):
         SafetensorsCheckpoint(tmp_path / "ckpt")
+    index_path.write_bytes(b'{"weight_map": "\xff"}')
+    with pytest.raises(ValueError, match="index.json: not UTF-8"):
+        SafetensorsCheckpoint(tmp_path / "ckpt")
+
+
+def test_index_listing_a_shard_partly_is_refused(tmp_path, rng):
+    write_checkpoint(tmp_path / "three", {f"t{i}": random_float(rng, (16, 16)) for i in range(3)}, max_shard_bytes=2500)
+    index_path = tmp_path / "three" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    assert index["weight_map"]["t0"] == index["weight_map"]["t1"] != index["weight_map"]["t2"]
+    del index["weight_map"]["t1"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="holds tensor 't1', which model.safetensors.index.json does not list"):
+        SafetensorsCheckpoint(tmp_path / "three")
 
 
 def test_missing_checkpoint(tmp_path):

@@ -1,9 +1,11 @@
 """The `quantization_config` of an FP8 checkpoint, in both forms vLLM reads.
 
-`"quant_method": "fp8"` (vLLM's own form) holds per-tensor weight scales and an activation scheme,
-static (a calibrated `input_scale` per layer) or dynamic. The compressed-tensors form
-(`"quant_method": "compressed-tensors"`, `"format": "float-quantized"`) adds per-channel weight
-scales and per-token dynamic activations. Both map onto one `QuantizationConfig`.
+The compressed-tensors form (`"quant_method": "compressed-tensors"`, `"format": "float-quantized"`,
+llm-compressor's output) holds per-tensor or per-channel weight scales and static, dynamic
+per-tensor or dynamic per-token activations; vLLM and transformers both load it, so we write it by
+default. `"quant_method": "fp8"` (vLLM's own form) holds per-tensor weight scales and a static or
+dynamic activation scheme; vLLM loads it, but transformers reads that form as block-scaled fp8
+(`weight_scale_inv`) and drops our `weight_scale`. Both map onto one `QuantizationConfig`.
 """
 
 import dataclasses
@@ -33,8 +35,8 @@ class QuantizationConfig:
       weight_granularity: "per_tensor" (`weight_scale` scalar or `(1,)`) or "per_channel" (`(N, 1)`).
       activation_scheme: "static" (`input_scale` per layer), "dynamic_per_tensor" or "dynamic_per_token".
       ignore: checkpoint prefixes of linear layers left in float.
-      form: "fp8" or "compressed-tensors"; None picks "fp8" where it can express the scheme
-        (per-tensor weights, static or dynamic per-tensor activations), else compressed-tensors.
+      form: "compressed-tensors" (what None means) or "fp8" (vLLM only; per-tensor weights with
+        static or dynamic per-tensor activations).
       scheme: an `Fp8Scheme` instead of weight_granularity and activation_scheme (a field given as
         well must agree); after construction it always holds the checkpoint's scheme.
     """
@@ -53,10 +55,10 @@ class QuantizationConfig:
         object.__setattr__(self, "weight_granularity", scheme.weight_granularity)
         object.__setattr__(self, "activation_scheme", scheme.activation_scheme)
         if self.form is None:
-            object.__setattr__(self, "form", "fp8" if self._fp8_form_fits() else "compressed-tensors")
+            object.__setattr__(self, "form", "compressed-tensors")
         if self.form not in CONFIG_FORMS:
             raise ValueError(f"form must be one of {CONFIG_FORMS}, got {self.form!r}")
-        if self.form == "fp8" and not self._fp8_form_fits():
+        if self.form == "fp8" and not self.fp8_form_holds(self.scheme):
             raise ValueError(
                 "the 'fp8' quantization_config form holds per-tensor weights with static or dynamic per-tensor "
                 f"activations only, got weight_granularity={self.weight_granularity!r}, "
@@ -64,8 +66,10 @@ class QuantizationConfig:
             )
         object.__setattr__(self, "ignore", tuple(self.ignore))
 
-    def _fp8_form_fits(self) -> bool:
-        return self.weight_granularity == "per_tensor" and self.activation_scheme != "dynamic_per_token"
+    @staticmethod
+    def fp8_form_holds(scheme: Fp8Scheme) -> bool:
+        """Whether the "fp8" form can express `scheme` (per-tensor weights, per-tensor activations)."""
+        return scheme.weight_granularity == "per_tensor" and scheme.activation_scheme != "dynamic_per_token"
 
     @property
     def is_static(self) -> bool:
@@ -136,7 +140,7 @@ class QuantizationConfig:
             return cls(
                 "per_tensor",
                 "static" if activation == "static" else "dynamic_per_tensor",
-                tuple(config.get("ignored_layers") or ()),
+                _names(config, "ignored_layers"),
                 "fp8",
             )
         if method == "compressed-tensors":
@@ -146,16 +150,24 @@ class QuantizationConfig:
     @classmethod
     def _from_compressed_tensors(cls, config: Mapping[str, Any]):
         groups = config.get("config_groups") or {}
+        if not isinstance(groups, Mapping):
+            raise ValueError(
+                f"quantization_config.config_groups must be a JSON object of named groups, got {type(groups).__name__}"
+            )
         if len(groups) != 1:
             raise NotImplementedError(
                 f"compressed-tensors checkpoints with exactly one config group are supported, got {len(groups)}"
             )
         ((name, group),) = groups.items()
         where = f"quantization_config.config_groups.{name}"
+        if not isinstance(group, Mapping):
+            raise ValueError(f"{where} must be a JSON object, got {type(group).__name__}")
         weights, inputs = group.get("weights"), group.get("input_activations")
         if not weights or not inputs:
             raise NotImplementedError(f"{where} must quantize both weights and input_activations (W8A8)")
         for kind, args in (("weights", weights), ("input_activations", inputs)):
+            if not isinstance(args, Mapping):
+                raise ValueError(f"{where}.{kind} must be a JSON object, got {type(args).__name__}")
             if args.get("num_bits") != 8 or args.get("type") != "float":
                 raise NotImplementedError(
                     f"{where}.{kind} must be 8-bit float, got num_bits={args.get('num_bits')}, type={args.get('type')!r}"
@@ -176,9 +188,17 @@ class QuantizationConfig:
         return cls(
             _CT_WEIGHT_STRATEGY[weight_strategy],
             _CT_INPUT_STRATEGY[input_key],
-            tuple(config.get("ignore") or ()),
+            _names(config, "ignore"),
             "compressed-tensors",
         )
+
+
+def _names(config: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    """A list of layer names (`ignore`), checked."""
+    names = config.get(key) or ()
+    if not isinstance(names, list | tuple) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"quantization_config.{key} must be a list of layer names, got {names!r}")
+    return tuple(names)
 
 
 def with_quantization_config(model_config: Mapping[str, Any] | None, config: QuantizationConfig) -> dict[str, Any]:

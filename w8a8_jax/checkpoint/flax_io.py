@@ -19,7 +19,7 @@ from flax import nnx
 from w8a8_jax import dtypes, module_tree, platform, weight_utils
 from w8a8_jax import nnx as fp8_nnx
 from w8a8_jax.checkpoint.config import QuantizationConfig
-from w8a8_jax.checkpoint.layers import Fp8LayerTensors, read_fp8_layer, read_quantization_config
+from w8a8_jax.checkpoint.layers import Fp8LayerTensors, fp8_layer_prefixes, read_fp8_layer, read_quantization_config
 from w8a8_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
 from w8a8_jax.convert.linen import LinenFp8Model
 from w8a8_jax.params import Fp8Params
@@ -102,6 +102,7 @@ def load_nnx(
     *,
     config: QuantizationConfig | None = None,
     fp8_dtype=None,
+    strict: bool = True,
 ) -> list[str]:
     """Puts a checkpoint's fp8 layers into `model` in place: each `nnx.Linear` or `Fp8Dense` at a
     path in `names` (all of them when `names` is None) becomes an `Fp8Dense` holding the
@@ -109,7 +110,8 @@ def load_nnx(
     shard of a layer exactly when the module has one.
 
     Every layer is read and checked before the model is touched, so an error leaves `model` as it
-    was. Returns the replaced paths.
+    was. With `strict` (default) every fp8 layer of the checkpoint must go into a module: one
+    left over is a ValueError naming it. Returns the replaced paths.
     """
     checkpoint = _open(checkpoint)
     config = config or read_quantization_config(checkpoint)
@@ -135,9 +137,20 @@ def load_nnx(
                 f"the module has {expected}"
             )
         layers[path] = fp8_nnx._stand_in(params, scheme=config.scheme, layer=node)
+    if strict:
+        _check_all_loaded(checkpoint, [prefix for path, _, _ in targets for prefix in _prefixes(names, path)])
     for path, path_keys, _ in targets:
         module_tree.set_child(module_tree.parent_of(model, path_keys), path_keys[-1], layers[path])
     return [path for path, _, _ in targets]
+
+
+def _check_all_loaded(checkpoint: SafetensorsCheckpoint, loaded: Sequence[str]) -> None:
+    left = sorted(set(fp8_layer_prefixes(checkpoint)) - set(loaded))
+    if left:
+        raise ValueError(
+            f"{len(left)} fp8 layer(s) of the checkpoint match no module: {left[:5]}; map them with names= "
+            "(or pass strict=False to leave them out)"
+        )
 
 
 def _dense_paths(params, keys=()) -> Iterator[tuple[str, ...]]:
@@ -157,15 +170,16 @@ def load_linen(
     *,
     config: QuantizationConfig | None = None,
     fp8_dtype=None,
+    strict: bool = True,
 ) -> tuple[LinenFp8Model, dict]:
     """A linen model's float variables with its `nn.Dense` layers' params replaced from a checkpoint.
 
     Each `nn.Dense` params entry (`{"kernel", "bias"}`) at a path in `names` (default: every entry
     with a "kernel") becomes `{"weight", "weight_scale", "input_scale"?, "bias"?}`; the checkpoint
     must hold a bias for every shard exactly when the entry has one. Every layer is read and checked
-    before anything is returned. Returns
-    `(fp8_model, fp8_variables)`; run with `fp8_model.apply(fp8_variables, ...)`. `variables` is not
-    modified.
+    before anything is returned; with `strict` (default) every fp8 layer of the checkpoint must
+    be used. Returns `(fp8_model, fp8_variables)`; run with `fp8_model.apply(fp8_variables, ...)`.
+    `variables` is not modified.
     """
     checkpoint = _open(checkpoint)
     config = config or read_quantization_config(checkpoint)
@@ -185,6 +199,8 @@ def load_linen(
                 f"the model has {tuple(layer['kernel'].shape)}"
             )
         new_params = module_tree.tree_set(new_params, paths[path], fp8.to_dict())
+    if strict:
+        _check_all_loaded(checkpoint, [prefix for path in selected for prefix in _prefixes(names, path)])
     fp8_model = LinenFp8Model(model, dict.fromkeys(selected, config.scheme))
     return fp8_model, {**variables, "params": new_params}
 

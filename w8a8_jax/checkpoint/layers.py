@@ -2,10 +2,11 @@
 
 A layer with checkpoint prefix `p` is stored as vLLM loads it:
   `p.weight`        F8_E4M3 `(N, K)`
-  `p.weight_scale`  F32, scalar or `(1,)` (per tensor) or `(N, 1)` (per channel)
-  `p.input_scale`   F32, scalar or `(1,)` (static activation scheme only)
+  `p.weight_scale`  F32, BF16 or F16, scalar or `(1,)` (per tensor) or `(N, 1)` (per channel)
+  `p.input_scale`   F32, BF16 or F16, scalar or `(1,)` (static activation scheme only)
   `p.bias`          `(N,)`, any float dtype (optional)
-with `dequant(weight) = weight.astype(f32) * weight_scale`.
+with `dequant(weight) = weight.astype(f32) * weight_scale`. Scales are read in float32 (upcast
+exactly: llm-compressor stores them in the model's dtype); we write F32.
 """
 
 import dataclasses
@@ -16,17 +17,19 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from w8a8_jax import quantization
+from w8a8_jax import quantization, validation
 from w8a8_jax.checkpoint.config import QuantizationConfig
 from w8a8_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
 from w8a8_jax.params import Fp8Params
 
 FLOAT_DTYPES = ("F32", "BF16", "F16")
+# Float weights `quantize` converts (F64 is computed in float32, like every float weight).
+QUANTIZABLE_DTYPES = ("F64", *FLOAT_DTYPES)
 # 2-D weights that are not linear layers (embedding tables, norms), by name: a checkpoint without its
 # model code says no more.
-NOT_LINEAR = r"(?i)(^|\.)(embed[^.]*|[^.]*norm[^.]*)(\.|$)"
+NOT_LINEAR = r"(?i:(^|\.)(embed[^.]*|[^.]*norm[^.]*)(\.|$))"
 # Layers a checkpoint converter leaves float unless told otherwise: those, and the LM head.
-DEFAULT_EXCLUDE = r"(?i)(^|\.)(embed[^.]*|[^.]*norm[^.]*|lm_head)(\.|$)"
+DEFAULT_EXCLUDE = r"(?i:(^|\.)(embed[^.]*|[^.]*norm[^.]*|lm_head)(\.|$))"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,11 @@ def _check_scale(name: str, scale: np.ndarray) -> None:
         raise ValueError(f"{name} must be > 0, holds {float(np.min(scale))}")
 
 
+def _check_scale_dtype(checkpoint: SafetensorsCheckpoint, name: str) -> None:
+    if checkpoint.dtype_name(name) not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be F32, BF16 or F16, got {checkpoint.dtype_name(name)}")
+
+
 def fp8_layer_prefixes(checkpoint: SafetensorsCheckpoint) -> list[str]:
     """The prefixes of every fp8 weight in the checkpoint, and of every orphaned `weight_scale`."""
     prefixes = set()
@@ -82,8 +90,7 @@ def read_fp8_layer(checkpoint: SafetensorsCheckpoint, prefix: str, config: Quant
         raise ValueError(f"{weight_name} must be (N, K), got shape {weight_shape}")
     rows = weight_shape[0]
     scale_shape = checkpoint.shape(scale_name)
-    if checkpoint.dtype_name(scale_name) != "F32":
-        raise ValueError(f"{scale_name} must be F32, got {checkpoint.dtype_name(scale_name)}")
+    _check_scale_dtype(checkpoint, scale_name)
     allowed = [(), (1,)] if config.weight_granularity == "per_tensor" else [(rows, 1)]
     if scale_shape not in allowed:
         raise ValueError(
@@ -96,8 +103,7 @@ def read_fp8_layer(checkpoint: SafetensorsCheckpoint, prefix: str, config: Quant
     if config.is_static:
         if input_name not in checkpoint:
             raise ValueError(f"missing tensor {input_name!r}: the static activation scheme needs it (layer {prefix!r})")
-        if checkpoint.dtype_name(input_name) != "F32":
-            raise ValueError(f"{input_name} must be F32, got {checkpoint.dtype_name(input_name)}")
+        _check_scale_dtype(checkpoint, input_name)
         if checkpoint.shape(input_name) not in [(), (1,)]:
             raise ValueError(f"{input_name} must be a scalar or (1,), got shape {checkpoint.shape(input_name)}")
         input_scale = np.asarray(checkpoint.tensor(input_name), np.float32).reshape(1)
@@ -153,7 +159,7 @@ def linear_weight_prefixes(
     for name in checkpoint.names:
         if not name.endswith(".weight") or len(checkpoint.shape(name)) != 2:
             continue
-        if checkpoint.dtype_name(name) not in FLOAT_DTYPES:
+        if checkpoint.dtype_name(name) not in QUANTIZABLE_DTYPES:
             continue
         prefix = name.removesuffix(".weight")
         chosen = (include is None or re.search(include, prefix)) and not (exclude and re.search(exclude, prefix))
@@ -169,6 +175,9 @@ def quantize_linear(
     The weight goes through `quantization.quantize_weight` (one formula for every path); the fp8
     form stores scalar scales as vLLM's own checkpoints do, compressed-tensors `(1,)`.
     """
+    weight = np.asarray(weight)
+    if weight.dtype == np.float64:
+        weight = weight.astype(np.float32)
     fp8_weight, weight_scale = quantization.quantize_weight(
         jnp.asarray(weight), config.weight_granularity, jnp.float8_e4m3fn
     )
@@ -183,6 +192,31 @@ def quantize_linear(
             scalar_shape
         )
     return tensors
+
+
+def ignored_layers(quantized: list[str], left_float: list[str]) -> tuple[str, ...]:
+    """The `ignore` list of a converted checkpoint: every linear layer left float, by prefix.
+
+    `left_float` are the float 2-D weights not quantized; embedding tables and norms are no linear
+    layers and are not listed. `lm_head` is listed unless quantized, also when the file holds no
+    `lm_head.weight` (tied to the embedding): a loader that quantizes every linear layer not
+    ignored would otherwise look for its scales.
+    """
+    ignore = [prefix for prefix in left_float if not re.search(NOT_LINEAR, prefix)]
+    if "lm_head" not in quantized and "lm_head" not in ignore:
+        ignore.append("lm_head")
+    return tuple(ignore)
+
+
+def _calibration_amax(prefix: str, inputs: np.ndarray, features: int) -> float:
+    """max |x| of one layer's calibration inputs `(..., K)`, which must be non-empty and finite."""
+    inputs = np.asarray(inputs, np.float32)
+    if inputs.ndim < 1 or inputs.shape[-1] != features or inputs.size == 0:
+        raise ValueError(
+            f"calibration inputs for {prefix!r} must be (..., {features}) with at least one row, got shape {inputs.shape}"
+        )
+    validation.check_finite(f"calibration inputs for {prefix!r}", inputs, "; calibration data must be finite")
+    return float(np.max(np.abs(inputs)))
 
 
 def quantize_checkpoint(
@@ -215,16 +249,8 @@ def quantize_checkpoint(
         prefix, _, leaf = name.rpartition(".")
         if leaf == "weight" and prefix in layer_set:
             weight = source.tensor(name)
-            amax = None
-            if config.is_static:
-                inputs = np.asarray(calibration[prefix], np.float32)
-                if inputs.shape[-1] != weight.shape[1]:
-                    raise ValueError(
-                        f"calibration inputs for {prefix!r} have {inputs.shape[-1]} features, {name} needs {weight.shape[1]}"
-                    )
-                amax = float(np.max(np.abs(inputs)))
-            if not np.all(np.isfinite(np.asarray(weight, np.float32))):
-                raise ValueError(f"{name} holds NaN or Inf; it cannot be quantized")
+            amax = _calibration_amax(prefix, calibration[prefix], weight.shape[1]) if config.is_static else None
+            validation.check_finite(name, weight, "; it cannot be quantized")
             quantized = quantize_linear(weight, config, amax)
             for key, array in quantized.items():
                 writer.add(f"{prefix}.{key}", array)

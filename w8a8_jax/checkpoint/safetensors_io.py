@@ -3,12 +3,15 @@
 The reader opens each file with `safetensors.safe_open` (which rejects truncated and corrupt files)
 and hands out one tensor at a time, memory-mapped, so nothing is read twice or all at once. The
 writer builds the checkpoint in a temporary directory next to the destination, one shard at a time,
-and renames it into place only when every file is complete.
+and renames it into place only when every file is complete; a lock file beside the destination
+keeps two writers from racing for it, and the files get the modes the umask gives (as `cp` does).
 """
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -76,7 +79,7 @@ class SafetensorsCheckpoint:
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{self.directory / INDEX_FILE}: no 'weight_map'")
-            files = sorted({self.directory / name for name in weight_map.values()})
+            files = _index_files(self.directory, weight_map)
         elif (self.directory / SAFETENSORS_FILE).is_file():
             files = [self.directory / SAFETENSORS_FILE]
         else:
@@ -91,6 +94,9 @@ class SafetensorsCheckpoint:
             for name, file in weight_map.items():
                 if self._file_of.get(name) != self.directory / file:
                     raise ValueError(f"{INDEX_FILE} maps tensor {name!r} to {file}, which does not hold it")
+            for name, file in self._file_of.items():
+                if name not in weight_map:
+                    raise ValueError(f"{file.name} holds tensor {name!r}, which {INDEX_FILE} does not list")
 
     def _open(self, file: Path) -> None:
         if not file.is_file():
@@ -155,24 +161,54 @@ class SafetensorsCheckpoint:
             yield name, self.tensor(name)
 
 
+_SHARD_NAME = re.compile(r"model-(\d+)-of-(\d+)\.safetensors")
+
+
+def _index_files(directory: Path, weight_map: dict[str, Any]) -> list[Path]:
+    """The shard files an index names: each inside `directory`, and every `model-i-of-n` shard
+    there among them (a shard the index omits would silently drop its tensors)."""
+    files = set()
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+            raise ValueError(f"{INDEX_FILE} maps tensor {name!r} to {file!r}, not a file name in {directory}")
+        files.add(directory / file)
+    omitted = sorted(
+        path.name for path in directory.glob("model-*-of-*.safetensors") if _SHARD_NAME.fullmatch(path.name)
+    )
+    omitted = [name for name in omitted if directory / name not in files]
+    if omitted:
+        raise ValueError(f"{INDEX_FILE} omits the shard(s) {omitted} in {directory}")
+    return sorted(files)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        with open(path) as file:
+        with open(path, encoding="utf-8") as file:
             content = json.load(file)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text: {err}") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path.name}: not valid JSON: {err}") from None
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
     if not isinstance(content, dict):
         raise ValueError(  # noqa: TRY004 (a malformed file, not a wrong argument)
-            f"{path.name}: expected a JSON object, got {type(content).__name__}"
+            f"{path}: expected a JSON object, got {type(content).__name__}"
         )
     return content
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Writes `text` to a temporary file beside `path`, flushes it to disk, then renames it over `path`."""
+    """Writes `text` to a temporary file beside `path`, flushes it to disk, then renames it over `path`
+    (mode `0o666` less the umask, as a new file gets)."""
     path = Path(path)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(descriptor, 0o666 & ~_umask())
         with os.fdopen(descriptor, "w") as file:
             file.write(text)
             file.flush()
@@ -182,6 +218,40 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def _acquire_lock(directory: Path) -> int:
+    """Takes the lock of checkpoint `directory` (`.NAME.lock` beside it) without waiting; returns its
+    descriptor. FileExistsError if another writer holds it."""
+    path = directory.parent / f".{directory.name}.lock"
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise FileExistsError(f"{directory} is being written by another process (it holds {path.name})") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+                return descriptor
+        except FileNotFoundError:
+            pass
+        os.close(descriptor)  # the holder before us removed the file after we opened it: lock anew
+
+
+def _release_lock(directory: Path, descriptor: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(directory.parent / f".{directory.name}.lock")
+    os.close(descriptor)
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Removes the temporary directories of writers of `directory` that died before finishing
+    (called with the lock held, so no live writer owns one)."""
+    leftover = re.compile(rf"\.{re.escape(directory.name)}\.[a-z0-9_]{{8}}\.(tmp|old)")
+    for path in directory.parent.iterdir():
+        if leftover.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 class CheckpointWriter:
@@ -194,7 +264,8 @@ class CheckpointWriter:
     (`model.safetensors`, or `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`),
     `config.json` and any `extra_files` are complete and the temporary directory is renamed to
     `directory`. On an error it is removed and `directory` is untouched. Memory holds at most one
-    shard's tensors.
+    shard's tensors. A second writer of the same `directory` fails at once (FileExistsError) while
+    one is at work; the temporary directories of writers that were killed are removed.
 
     Args:
       directory: the checkpoint directory; must not exist, or be empty, unless `overwrite`.
@@ -219,10 +290,8 @@ class CheckpointWriter:
         self.directory = Path(directory)
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
-        if self.directory.exists() and not self.directory.is_dir():
-            raise FileExistsError(f"{self.directory} exists and is not a directory")
-        if self.directory.is_dir() and any(self.directory.iterdir()) and not overwrite:
-            raise FileExistsError(f"{self.directory} exists and is not empty (pass overwrite to replace it)")
+        self.overwrite = overwrite
+        self._check_destination()
         self.config = config
         self.max_shard_bytes = max_shard_bytes
         self.extra_files = dict(extra_files or {})
@@ -233,9 +302,23 @@ class CheckpointWriter:
         self._names: set[str] = set()
         self.total_bytes = 0
         self.directory.parent.mkdir(parents=True, exist_ok=True)
-        self._temporary = Path(
-            tempfile.mkdtemp(prefix=f".{self.directory.name}.", suffix=".tmp", dir=self.directory.parent)
-        )
+        self._lock = _acquire_lock(self.directory)
+        try:
+            self._check_destination()  # again: another writer may have finished before we locked
+            _remove_leftovers(self.directory)
+            self._temporary = Path(
+                tempfile.mkdtemp(prefix=f".{self.directory.name}.", suffix=".tmp", dir=self.directory.parent)
+            )
+            os.chmod(self._temporary, 0o777 & ~_umask())
+        except BaseException:
+            _release_lock(self.directory, self._lock)
+            raise
+
+    def _check_destination(self) -> None:
+        if self.directory.exists() and not self.directory.is_dir():
+            raise FileExistsError(f"{self.directory} exists and is not a directory")
+        if self.directory.is_dir() and any(self.directory.iterdir()) and not self.overwrite:
+            raise FileExistsError(f"{self.directory} exists and is not empty (pass overwrite to replace it)")
 
     def add(self, name: str, array) -> None:
         """Queues one tensor; a full shard is written to disk before it is added."""
@@ -280,6 +363,7 @@ class CheckpointWriter:
             atomic_write_text(self._temporary / CONFIG_FILE, json.dumps(self.config, indent=2) + "\n")
         for name, source in self.extra_files.items():
             shutil.copyfile(source, self._temporary / name)
+        self._check_destination()
         if self.directory.exists():
             # Swap: the old directory moves aside first, so a failure leaves one complete checkpoint.
             previous = Path(
@@ -291,9 +375,16 @@ class CheckpointWriter:
             shutil.rmtree(previous)
         else:
             self._temporary.rename(self.directory)
+        self._unlock()
 
     def abort(self) -> None:
         shutil.rmtree(self._temporary, ignore_errors=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            _release_lock(self.directory, self._lock)
+            self._lock = None
 
     def __enter__(self) -> Self:
         return self

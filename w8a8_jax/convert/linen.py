@@ -142,14 +142,16 @@ def quantize_linen(
 
         totals: dict[str, dict] = {}
         with nn.intercept_methods(observe):
-            for args in batches:
+            for index, args in enumerate(batches):
                 _, state = model.apply(variables, *args, mutable=[_CALIBRATION])
+                batch_stats = {}
                 for path, (keys, _, _) in observed.items():
                     try:
-                        stats = dict(module_tree.tree_get(state[_CALIBRATION], keys))
+                        batch_stats[path] = dict(module_tree.tree_get(state[_CALIBRATION], keys))
                     except KeyError:  # not called on this batch
                         continue
-                    totals[path] = report_lib.merge_stats(totals.get(path), stats)
+                    totals[path] = report_lib.merge_stats(totals.get(path), batch_stats[path])
+                rules_lib.check_batch_stats(index, batch_stats)
         return totals
 
     static = any(rule.scheme.is_static for _, rule, _ in observed.values())
@@ -159,6 +161,7 @@ def quantize_linen(
     for path, (keys, rule, _) in targets.items():
         scheme, to_params = rules_lib.params_maker(path, rule, amax, fp8_dtype)
         float_layer = module_tree.tree_get(params, keys)
+        rules_lib.check_kernel(path, float_layer["kernel"])
         for _ in range(float_layer["kernel"].ndim - 2):
             to_params = jax.vmap(to_params)
         fp8_params[path] = to_params(float_layer["kernel"], float_layer.get("bias"))

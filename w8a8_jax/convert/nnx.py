@@ -48,8 +48,9 @@ def _run_observed(model, targets, fp8_layers, batches, forward, fp8_dtype) -> di
         observers[path] = _Observer(linear, fp8_layer, clip)
         module_tree.set_child(parent, key, observers[path])
     try:
-        for batch in batches:
+        for index, batch in enumerate(batches):
             forward(model, batch)
+            rules_lib.check_batch_stats(index, {path: o.stats.get_value() for path, o in observers.items()})
     finally:
         for path, parent, key, linear, rule in targets:
             module_tree.set_child(parent, key, linear)
@@ -102,6 +103,7 @@ def quantize_nnx(
     for path, _, _, linear, rule in targets:
         scheme, to_params = rules_lib.params_maker(path, rule, amax, fp8_dtype)
         kernel = linear.kernel[...]
+        rules_lib.check_kernel(path, kernel)
         bias = None if linear.bias is None else linear.bias[...]
         for _ in range(kernel.ndim - 2):  # layers stacked by nnx.scan/vmap: quantize each slice
             to_params = jax.vmap(to_params)

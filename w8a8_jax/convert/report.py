@@ -78,6 +78,7 @@ STAT_REDUCE = {
     "noise": jnp.add,
     "max_error": jnp.maximum,
     "max_ref": jnp.maximum,
+    "nonfinite": jnp.add,
 }
 
 
@@ -95,13 +96,14 @@ def layer_stats(inputs, y_float, y_fp8, clip: float) -> dict[str, jax.Array]:
     y_float = y_float.astype(jnp.float32)
     error = y_fp8.astype(jnp.float32) - y_float
     return {
-        "input_amax": jnp.max(abs_x),
+        "input_amax": jnp.max(abs_x, initial=0.0),
         "saturated": jnp.sum(abs_x > clip).astype(jnp.float32),
         "count": jnp.float32(abs_x.size),
         "signal": jnp.sum(jnp.square(y_float)),
         "noise": jnp.sum(jnp.square(error)),
-        "max_error": jnp.max(jnp.abs(error)),
-        "max_ref": jnp.max(jnp.abs(y_float)),
+        "max_error": jnp.max(jnp.abs(error), initial=0.0),
+        "max_ref": jnp.max(jnp.abs(y_float), initial=0.0),
+        "nonfinite": jnp.sum(~jnp.isfinite(abs_x)).astype(jnp.float32),
     }
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import jax
 
-from w8a8_jax import quantization
+from w8a8_jax import quantization, validation
 from w8a8_jax import scheme as scheme_lib
 from w8a8_jax.params import Fp8Params
 from w8a8_jax.scheme import ActivationScheme, Fp8Scheme, WeightGranularity
@@ -68,7 +68,11 @@ def params_maker(path: str, rule: QuantizationRule, amax: dict, fp8_dtype):
         scheme = dataclasses.replace(scheme, fp8_dtype=fp8_dtype)
     input_scale = _static_input_scale(path, amax.get(path), scheme.fp8_dtype) if scheme.is_static else None
     return scheme, functools.partial(
-        Fp8Params.from_float, scheme=scheme, input_scale=input_scale, shard_widths=rule.shard_widths
+        Fp8Params.from_float,
+        scheme=scheme,
+        input_scale=input_scale,
+        shard_widths=rule.shard_widths,
+        name=f"the kernel of layer {path!r}",
     )
 
 
@@ -77,6 +81,21 @@ def _static_input_scale(path: str, stats: dict | None, fp8_dtype) -> jax.Array:
     if stats is None:
         raise ValueError(f"static layer {path!r} was not called on calibration_data")
     return quantization.static_input_scale(stats["input_amax"], fp8_dtype)
+
+
+def check_kernel(path: str, kernel) -> None:
+    """A layer's float kernel (stacked or not) must be finite to be quantized."""
+    validation.check_finite(f"the kernel of layer {path!r}", kernel, ": weights must be finite to be quantized")
+
+
+def check_batch_stats(batch: int, stats: dict[str, dict | None]) -> None:
+    """Raises if calibration batch `batch` fed a layer a NaN or Inf (its merged stats count them)."""
+    for path, layer_stats in stats.items():
+        if layer_stats is not None and float(layer_stats["nonfinite"]) > 0:
+            raise ValueError(
+                f"calibration batch {batch}: the inputs of layer {path!r} hold NaN or Inf; "
+                "calibration data must be finite"
+            )
 
 
 def check_calibration(static_paths: list[str], stacked_static: list[str], batches: list) -> None:

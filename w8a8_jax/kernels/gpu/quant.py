@@ -83,11 +83,15 @@ def _quant_kernel(x_gmem, ub_gmem, q_gmem, s_gmem, *, rows_per_block: int, vec: 
     def load(row, start):
         return plgpu.load(x_gmem.at[row, pl.ds(start, size)], layout=layout).astype(jnp.float32)
 
+    def finite_magnitude(x):  # |x|, with NaN and ±Inf counted as 0 (the amax skips them)
+        magnitude = jnp.abs(x)
+        return jnp.where(magnitude < jnp.inf, magnitude, 0.0)
+
     def quantize_row(row):
         held = load(row, 0)
-        running = jnp.abs(held)
+        running = finite_magnitude(held)
         for start in starts[1:]:
-            running = jnp.maximum(running, jnp.abs(load(row, start)))
+            running = jnp.maximum(running, finite_magnitude(load(row, start)))
         amax = jnp.max(running)
         if ub is not None:
             amax = jnp.minimum(amax, ub)

@@ -170,6 +170,17 @@ def _layer():
         ({"input_scale": jnp.array([jnp.nan])}, ValueError, "input_scale must be finite and > 0"),
         ({"input_scale": jnp.ones((4, 1))}, ValueError, r"input_scale must have shape \(1,\)"),
         ({"input_scale_ub": jnp.array([1.0])}, ValueError, "input_scale_ub applies only"),
+        (
+            {"input_scale_ub": 0.0, "use_per_token_if_dynamic": True},
+            ValueError,
+            "input_scale_ub must be finite and > 0",
+        ),
+        ({"input_scale_ub": -1.0, "use_per_token_if_dynamic": True}, ValueError, "input_scale_ub must be finite"),
+        ({"input_scale_ub": jnp.nan, "use_per_token_if_dynamic": True}, ValueError, "input_scale_ub must be finite"),
+        ({"input_scale_ub": jnp.ones(2), "use_per_token_if_dynamic": True}, ValueError, r"input_scale_ub must have"),
+        ({"input_scale": jnp.array([jnp.inf])}, ValueError, "input_scale must be finite and > 0"),
+        ({"weight_scale": jnp.full((1,), -0.5)}, ValueError, "weight_scale must be finite and > 0"),
+        ({"weight": jnp.ones((8, 0), jnp.float8_e4m3fn), "input": jnp.ones((4, 0))}, ValueError, "N, K >= 1"),
         ({"bias": jnp.ones(7)}, ValueError, r"bias must have shape \(8,\)"),
         ({"out_dtype": jnp.int32}, ValueError, "out_dtype must be"),
         ({"input": jnp.ones((4, 16)).astype(jnp.float8_e4m3fn)}, ValueError, "fp8 input needs its input_scale"),
@@ -187,3 +198,54 @@ def test_errors_raise_at_trace_time():
     op = Fp8LinearOp(fused_supported=False)
     with pytest.raises(ValueError, match="K=16"):
         jax.jit(lambda x: op.apply(x, weight, weight_scale)).lower(jax.ShapeDtypeStruct((4, 15), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_gradient_is_the_straight_through_estimate(key, scheme, per_channel):
+    """d/dx sum(g * y) = g @ dequant(weight) in float32, the bias gets sum_m g, and the fp8
+    weight and its scale get zero cotangents; under jit as eagerly."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    weight, weight_scale, bias = make_layer(k1, 96, 24, per_channel)
+    x = jax.random.normal(k2, (2, 5, 96), jnp.float32)
+    g = jax.random.normal(k3, (2, 5, 24), jnp.float32)
+    op = Fp8LinearOp()
+
+    def loss(x, weight, weight_scale, bias):
+        out = op.apply(
+            x,
+            weight,
+            weight_scale,
+            input_scale=jnp.array([0.01], jnp.float32) if scheme == "static" else None,
+            input_scale_ub=jnp.array([2.5], jnp.float32) if scheme == "dynamic_per_token_ub" else None,
+            bias=bias,
+            use_per_token_if_dynamic=scheme.startswith("dynamic_per_token"),
+        )
+        return jnp.sum(out * g)
+
+    for grad in (jax.grad(loss, argnums=(0, 1, 2, 3)), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))):
+        dx, dweight, dscale, dbias = grad(x, weight, weight_scale, bias)
+        dequantized = np.asarray(weight).astype(np.float64) * np.asarray(weight_scale, np.float64).reshape(-1, 1)
+        want = np.asarray(g, np.float64).reshape(-1, 24) @ dequantized
+        assert dx.dtype == x.dtype
+        np.testing.assert_allclose(np.asarray(dx).reshape(-1, 96), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        want_bias = np.asarray(g, np.float64).sum(axis=(0, 1))
+        np.testing.assert_allclose(np.asarray(dbias), want_bias, rtol=1e-5, atol=1e-6 * np.abs(want_bias).max())
+        assert dweight.dtype == weight.dtype and not np.asarray(dweight, np.float32).any()
+        assert not np.asarray(dscale).any()
+
+
+def test_gradient_in_the_input_dtype(key):
+    weight, weight_scale, _ = make_layer(key, 64, 8, True)
+    x = jax.random.normal(key, (3, 64), jnp.bfloat16)
+    dx = jax.grad(lambda x: Fp8LinearOp().apply(x, weight, weight_scale).astype(jnp.float32).sum())(x)
+    want = np.ones((3, 8)) @ (np.asarray(weight).astype(np.float64) * np.asarray(weight_scale, np.float64))
+    assert dx.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(dx, np.float64), want, rtol=2**-8)
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (3, 0, 16)])
+def test_no_rows(shape):
+    weight, weight_scale = _layer()
+    out = Fp8LinearOp().apply(jnp.ones(shape, jnp.bfloat16), weight, weight_scale, bias=jnp.ones(8))
+    assert out.shape == (*shape[:-1], 8) and out.dtype == jnp.bfloat16

@@ -56,14 +56,6 @@ def check_codes(q, scale, x, fp8_dtype):
     assert np.isfinite(scale).all() and (scale > 0).all(), scale
 
 
-def assert_same_codes(got, want):
-    """fp8 codes equal, NaN codes compared by position (their sign bit is not specified)."""
-    got_f, want_f = np.asarray(got).astype(np.float32), np.asarray(want).astype(np.float32)
-    np.testing.assert_array_equal(np.isnan(got_f), np.isnan(want_f))
-    finite = ~np.isnan(want_f)
-    reference.assert_bit_identical(np.asarray(got)[finite], np.asarray(want)[finite])
-
-
 def reference_quant(x, scheme, fp8_dtype, input_scale, scale_ub):
     if scheme == "static":
         return reference.quant_static(x, input_scale, fp8_dtype), np.asarray(input_scale, np.float32).reshape(1)
@@ -97,7 +89,7 @@ def test_quantizers(seed):
     )
     check_codes(q, scale, x, fp8_dtype)
     ref_q, ref_scale = reference_quant(x, activation, fp8_dtype, input_scale, scale_ub)
-    assert_same_codes(q, ref_q)
+    reference.assert_codes_identical(q, ref_q)
     reference.assert_bit_identical(scale, ref_scale)
     clean_q, clean_scale = quantization.quantize_activation(
         zeroed(x), activation, input_scale=input_scale, scale_ub=scale_ub, fp8_dtype=fp8_dtype
@@ -115,7 +107,7 @@ def test_quantizers(seed):
         use_per_token_if_dynamic=activation == "dynamic_per_token",
         fp8_dtype=fp8_dtype,
     )
-    assert_same_codes(public_q, q)
+    reference.assert_codes_identical(public_q, q)
     reference.assert_bit_identical(public_scale, scale)
 
 
@@ -153,7 +145,7 @@ def test_hopper_kernels_interpret(seed):
     q, scale = gpu_quant.per_token_quant(x, scale_ub, jnp.float8_e4m3fn, interpret=True)
     check_codes(q, scale, x, jnp.float8_e4m3fn)
     ref_q, ref_scale = reference.quant_dynamic_per_token(x, scale_ub)
-    assert_same_codes(q, ref_q)
+    reference.assert_codes_identical(q, ref_q)
     reference.assert_bit_identical(scale, ref_scale)
     weight, weight_scale = quantization.quantize_weight(
         jnp.asarray(rng.normal(size=(256, k)), jnp.float32), "per_channel", jnp.float8_e4m3fn
@@ -180,7 +172,7 @@ def test_tpu_kernels_interpret(seed):
         q, scale = tpu_per_token_quant(x, scale_ub, fp8_dtype, interpret=INTERPRET)
         check_codes(q, scale, x, fp8_dtype)
         ref_q, ref_scale = reference.quant_dynamic_per_token(x, scale_ub, fp8_dtype)
-        assert_same_codes(q, ref_q)
+        reference.assert_codes_identical(q, ref_q)
         reference.assert_bit_identical(scale, ref_scale)
         weight, weight_scale = quantization.quantize_weight(
             jnp.asarray(rng.normal(size=(n, k)), jnp.float32), "per_channel", fp8_dtype

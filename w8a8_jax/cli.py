@@ -80,7 +80,9 @@ def _quantize(args: argparse.Namespace) -> None:
     form = args.format
     if form == "auto":
         form = "fp8" if checkpoint.QuantizationConfig.fp8_form_holds(scheme) else "compressed-tensors"
-    config = checkpoint.QuantizationConfig(scheme=scheme, ignore=checkpoint.ignored_layers(layers, skipped), form=form)
+    config = checkpoint.QuantizationConfig(
+        scheme=scheme, ignore=checkpoint.ignored_layers(layers, skipped), form=form, targets=tuple(layers)
+    )
     calibration = _sample_inputs(args.calibrate)
     if calibration is not None and not config.is_static:
         print("w8a8-jax quantize: note: --calibrate is only used by --activations static", file=sys.stderr)

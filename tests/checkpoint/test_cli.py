@@ -1,6 +1,7 @@
 """The command line: quantize / inspect / report through `main([...])` and `python -m w8a8_jax`."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -181,3 +182,82 @@ def test_report_inputs_with_the_wrong_features_name_the_layer(tmp_path, rng, cap
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1
     assert "inputs for 'model.layers.0.down_proj' have shape (5, 33)" in lines[0] and "needs (..., 80)" in lines[0]
+
+
+def test_every_linear_left_float_is_ignored(tmp_path, rng, capsys):
+    """A tied LM head (no `lm_head.weight` in the file) and a float64 weight: `lm_head` is listed in
+    `ignore` (a loader would otherwise quantize it and look for its scales); the float64 weight is
+    quantized like any other."""
+    tensors = {
+        "model.layers.0.q_proj.weight": random_float(rng, (16, 32)),
+        "model.layers.0.o_proj.weight": random_float(rng, (32, 16)).astype(np.float64),
+        "model.embed_tokens.weight": random_float(rng, (11, 32)),
+    }
+    path = write_vllm_checkpoint(tmp_path / "tied", tensors, None, {"tie_word_embeddings": True})
+    code, out, err = run(capsys, "quantize", str(path), str(tmp_path / "fp8"), "--no-progress")
+    assert code == 0, err
+    fp8 = checkpoint.SafetensorsCheckpoint(tmp_path / "fp8")
+    config = checkpoint.read_quantization_config(fp8)
+    assert config.ignore == ("lm_head",)
+    assert checkpoint.fp8_layer_prefixes(fp8) == ["model.layers.0.o_proj", "model.layers.0.q_proj"]
+    assert sorted(config.targets) == checkpoint.fp8_layer_prefixes(fp8)  # no tied module is taken for fp8
+    codes, scale = expected_codes(tensors["model.layers.0.o_proj.weight"].astype(np.float32), "per_channel")
+    reference.assert_bit_identical(fp8.tensor("model.layers.0.o_proj.weight"), codes)
+    reference.assert_bit_identical(fp8.tensor("model.layers.0.o_proj.weight_scale"), scale)
+    code, out, err = run(capsys, "inspect", str(tmp_path / "fp8"), "--no-progress")
+    assert "2 fp8 layers, 1 left float" in out
+
+
+def test_exclude_adds_to_the_defaults(tmp_path, capsys, float_checkpoint):
+    path, _ = float_checkpoint
+    code, _, err = run(capsys, "quantize", str(path), str(tmp_path / "o"), "--exclude", "down_proj", "--no-progress")
+    assert code == 0, err
+    fp8 = checkpoint.SafetensorsCheckpoint(tmp_path / "o")
+    assert checkpoint.fp8_layer_prefixes(fp8) == ["model.layers.0.q_proj"]  # embeddings and lm_head stay float
+    assert checkpoint.read_quantization_config(fp8).ignore == ("lm_head", "model.layers.0.down_proj")
+    code, _, err = run(capsys, "quantize", str(path), str(tmp_path / "all"), "--no-default-exclude",
+                       "--exclude", "embed", "--exclude", "norm", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    fp8 = checkpoint.SafetensorsCheckpoint(tmp_path / "all")
+    assert checkpoint.fp8_layer_prefixes(fp8) == ["lm_head", "model.layers.0.down_proj", "model.layers.0.q_proj"]
+    assert checkpoint.read_quantization_config(fp8).ignore == ()
+
+
+@pytest.mark.parametrize(
+    "inputs, match",
+    [
+        (np.float32(3.0), r"calibration inputs for 'model.layers.0.q_proj' must be \(..., 32\)"),
+        (np.zeros((0, 32), np.float32), r"must be \(..., 32\) with at least one row"),
+        ("nan", r"calibration inputs for 'model.layers.0.q_proj' holds 1 NaN or Inf value; calibration data must"),
+    ],
+)
+def test_bad_calibration_inputs_are_one_line(tmp_path, rng, capsys, float_checkpoint, inputs, match):
+    path, _ = float_checkpoint
+    calibration = {p: random_float(rng, (9, shape[1])) for p, shape in LAYERS.items()}
+    if isinstance(inputs, str):
+        calibration["model.layers.0.q_proj"][4, 2] = np.nan
+    else:
+        calibration["model.layers.0.q_proj"] = np.asarray(inputs)
+    save_file(calibration, str(tmp_path / "inputs.safetensors"))
+    code, _, err = run(capsys, "quantize", str(path), str(tmp_path / "o"), "--activations", "static",
+                       "--calibrate", str(tmp_path / "inputs.safetensors"), "--no-progress")  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and re.search(match, lines[0]), err
+    assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weight_is_one_line(tmp_path, rng, capsys, bad):
+    weight = random_float(rng, (16, 32))
+    weight[3, 3] = bad
+    path = write_vllm_checkpoint(tmp_path / "bad", {"layer.weight": weight}, None)
+    code, _, err = run(capsys, "quantize", str(path), str(tmp_path / "o"), "--no-progress")
+    assert code == 1 and "layer.weight holds 1 NaN or Inf value; it cannot be quantized" in err
+
+
+def test_help_says_which_consumer_reads_which_form(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "compressed-tensors (default; vLLM, transformers and llm-compressor read it)" in out
+    assert "transformers misreads it" in out and "--no-default-exclude" in out

@@ -35,6 +35,10 @@ def test_round_trip(granularity, scheme, form):
     assert config.form == (form or "compressed-tensors")  # the form transformers reads too is the default
     assert QuantizationConfig.fp8_form_holds(config.scheme) == fits_fp8
     assert QuantizationConfig.from_dict(config.to_dict()) == config
+    if config.form == "compressed-tensors":
+        named = QuantizationConfig(granularity, scheme, targets=("model.layers.0.q_proj", "lm_head"))
+        assert named.to_dict()["config_groups"]["group_0"]["targets"] == ["model.layers.0.q_proj", "lm_head"]
+        assert QuantizationConfig.from_dict(named.to_dict()) == named
 
 
 @pytest.mark.parametrize(
@@ -47,7 +51,10 @@ def test_round_trip(granularity, scheme, form):
         ({"quant_method": "compressed-tensors", "config_groups": [{"weights": {}}]}, ValueError, "config_groups must"),
         ({"quant_method": "compressed-tensors", "config_groups": {"g": "x"}}, ValueError, "config_groups.g must"),
         (
-            {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": "fp8", "input_activations": {"num_bits": 8}}}},
+            {
+                "quant_method": "compressed-tensors",
+                "config_groups": {"g": {"weights": "fp8", "input_activations": {"num_bits": 8}}},
+            },
             ValueError,
             "config_groups.g.weights must be a JSON object",
         ),

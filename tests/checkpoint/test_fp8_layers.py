@@ -180,7 +180,12 @@ ERRORS = [
         "static",
         r"proj.weight must be F8_E4M3, got F16",
     ),
-    ("proj.weight_scale", lambda t: t.astype(np.float64), "static", r"proj.weight_scale must be F32, BF16 or F16, got F64"),
+    (
+        "proj.weight_scale",
+        lambda t: t.astype(np.float64),
+        "static",
+        r"proj.weight_scale must be F32, BF16 or F16, got F64",
+    ),
     ("proj.weight_scale", lambda t: np.full((N, 1), t, np.float32), "static", r"proj.weight_scale has shape \(48, 1\)"),
     (
         "mlp.up.input_scale",
@@ -305,3 +310,44 @@ def test_loaded_layers_keep_the_float_output_dtype(tmp_path, rng, input_dtype):
     reference.assert_gemm_close(
         out, reference_layer(np.asarray(x, np.float32), tensors, "proj", "dynamic_per_token"), K, jnp.float32
     )
+
+
+@pytest.mark.parametrize("scale_dtype", [ml_dtypes.bfloat16, np.float16])
+@pytest.mark.parametrize("granularity,scheme", [("per_channel", "dynamic_per_token"), ("per_tensor", "static")])
+def test_bf16_and_f16_scales_read_exactly(tmp_path, rng, scale_dtype, granularity, scheme):
+    """llm-compressor stores scales in the model's dtype: they are read and upcast exactly."""
+    _, tensors = tiny_checkpoint(tmp_path, rng, granularity, scheme)
+    for name in list(tensors):
+        if name.endswith(("weight_scale", "input_scale")):
+            tensors[name] = tensors[name].astype(scale_dtype)
+    path = write_vllm_checkpoint(tmp_path / "low", tensors, CONFIGS[granularity, scheme])
+    fp8 = checkpoint.SafetensorsCheckpoint(path)
+    assert fp8.dtype_name("proj.weight_scale") == ("BF16" if scale_dtype == ml_dtypes.bfloat16 else "F16")
+    for layer in checkpoint.read_fp8_layers(fp8):
+        want = tensors[f"{layer.prefix}.weight_scale"].astype(np.float32)
+        assert layer.weight_scale.dtype == np.float32
+        np.testing.assert_array_equal(layer.weight_scale, want.reshape(layer.weight_scale.shape))
+        if scheme == "static":
+            np.testing.assert_array_equal(layer.input_scale, tensors[f"{layer.prefix}.input_scale"].astype(np.float32))
+    model = Tiny(nnx.Rngs(0))
+    checkpoint.load_nnx(model, path)
+    x = random_float(rng, (3, K))
+    low = {n: (t.astype(np.float32) if n.endswith("scale") else t) for n, t in tensors.items()}
+    reference.assert_gemm_close(model.proj(jnp.asarray(x)), reference_layer(x, low, "proj", scheme), K, jnp.float32)
+
+
+def test_load_refuses_checkpoint_layers_no_module_takes(tmp_path, rng):
+    _, tensors = tiny_checkpoint(tmp_path, rng, "per_channel", "dynamic_per_token")
+    tensors.update(vllm_layer(rng, "extra", 8, K, "per_channel", False))
+    path = write_vllm_checkpoint(tmp_path / "extra", tensors, CONFIGS["per_channel", "dynamic_per_token"])
+    model = Tiny(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"1 fp8 layer\(s\) of the checkpoint match no module: \['extra'\]"):
+        checkpoint.load_nnx(model, path)
+    assert isinstance(model.proj, nnx.Linear)
+    assert sorted(checkpoint.load_nnx(model, path, strict=False)) == ["mlp/up", "proj"]
+    linen_model = TinyLinen()
+    variables = linen_model.init(jax.random.key(0), random_float(rng, (2, K)))
+    names = {"proj": "proj", "up": "mlp.up"}
+    with pytest.raises(ValueError, match=r"match no module: \['extra'\]"):
+        checkpoint.load_linen(linen_model, variables, path, names)
+    checkpoint.load_linen(linen_model, variables, path, names, strict=False)

@@ -151,3 +151,46 @@ def test_missing_checkpoint(tmp_path):
         SafetensorsCheckpoint(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="neither"):
         SafetensorsCheckpoint(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_modes_follow_the_umask(tmp_path, rng, umask):
+    """The checkpoint's directory and files get `0o777` / `0o666` less the umask, as `cp` gives."""
+    previous = os.umask(umask)
+    try:
+        write_checkpoint(tmp_path / "ckpt", {"t": random_float(rng, (4, 4))}, config={"a": 1})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "ckpt" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_a_second_writer_of_one_destination_fails_while_the_first_works(tmp_path, rng):
+    first = CheckpointWriter(tmp_path / "ckpt")
+    first.add("t", random_float(rng, (4, 4)))
+    with pytest.raises(FileExistsError, match="is being written by another process"):
+        CheckpointWriter(tmp_path / "ckpt")
+    first.close()
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        CheckpointWriter(tmp_path / "ckpt")  # finished first: the second sees it at once
+    writer = CheckpointWriter(tmp_path / "ckpt", overwrite=True)
+    writer.add("u", random_float(rng, (2, 2)))
+    writer.close()
+    assert SafetensorsCheckpoint(tmp_path / "ckpt").names == ["u"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no lock or temporary left
+
+
+def test_writers_killed_before_finishing_are_cleaned_up(tmp_path, rng):
+    for leftover in (".ckpt.k3j_x9a0.tmp", ".ckpt.0a1b2c3d.old", ".ckpt.other.abcdefgh.tmp", ".ckptx.abcdefgh.tmp"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "shard-00000.safetensors").write_bytes(b"partial")
+    write_checkpoint(tmp_path / "ckpt", {"t": random_float(rng, (4, 4))})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.other.abcdefgh.tmp", ".ckptx.abcdefgh.tmp", "ckpt"]
+
+
+def test_non_utf8_config_names_its_file(tmp_path, rng):
+    write_checkpoint(tmp_path / "ckpt", {"t": random_float(rng, (4, 4))})
+    (tmp_path / "ckpt" / "config.json").write_bytes(b'{"name": "\xff"}')
+    with pytest.raises(ValueError, match=r"ckpt/config.json: not UTF-8"):
+        SafetensorsCheckpoint(tmp_path / "ckpt")

@@ -413,3 +413,30 @@ def test_fuse_mixed_per_tensor_and_per_channel_shards(key):
     bad = [shards[0], (shards[1][0], shards[1][1][:5])]
     with pytest.raises(ValueError, match=r"shard 1: weight_scale of shape \(5, 1\)"):
         weight_utils.fuse_fp8_shards([(jnp.asarray(c), jnp.asarray(s)) for c, s in bad], "per_channel")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_calibration_data_names_the_layer_and_batch(key, bad):
+    data = batches(key, 3)
+    data[1] = data[1].at[2, 4].set(bad)
+    rules = [convert.QuantizationRule(activation_scheme="static")]
+    with pytest.raises(ValueError, match=r"calibration batch 1: the inputs of layer\(s\) \[.*'up'\] hold NaN or Inf"):
+        convert.quantize_nnx(Model(nnx.Rngs(0)), rules, calibration_data=data)
+    model = LinenModel()
+    variables = model.init(jax.random.key(0), data[0])
+    with pytest.raises(ValueError, match=r"calibration batch 1: the inputs of layer\(s\) \[.*'up'\] hold NaN or Inf"):
+        convert.quantize_linen(model, variables, rules, data)
+
+
+def test_non_finite_kernels_name_the_layer(key):
+    model = Model(nnx.Rngs(0))
+    model.layers[1].kernel.set_value(model.layers[1].kernel[...].at[0, 0].set(np.nan))
+    with pytest.raises(ValueError, match=r"the kernel of layer 'layers/1' holds 1 NaN or Inf value"):
+        convert.quantize_nnx(model, [convert.QuantizationRule()])
+    assert isinstance(model.layers[1], nnx.Linear)  # nothing was replaced
+    linen_model = LinenModel()
+    variables = linen_model.init(jax.random.key(0), batches(key, 1)[0])
+    params = jax.tree_util.tree_map(lambda x: x, variables["params"])
+    params["up"]["kernel"] = params["up"]["kernel"].at[1, 1].set(np.inf)
+    with pytest.raises(ValueError, match=r"the kernel of layer 'up' holds 1 NaN or Inf value"):
+        convert.quantize_linen(linen_model, {"params": params}, [convert.QuantizationRule()], batches(key, 1))

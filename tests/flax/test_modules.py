@@ -168,3 +168,28 @@ def test_nnx_scan_stack(key):
         expected = jax.nn.relu(fp8_nnx.Fp8Dense.from_fp8(params, scheme=stack.scheme)(expected))
     # Inside scan and eagerly the same XLA ops run per layer; float32 fusion may reassociate.
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_from_dense_refuses_non_finite_kernels(key, bad):
+    kernel, bias, _ = random_layer(key, 32, 16)
+    kernel = kernel.at[3, 5].set(bad)
+    with pytest.raises(ValueError, match=r"kernel holds 1 NaN or Inf value: weights must be finite"):
+        fp8_nnx.Fp8Dense.from_dense(kernel, bias)
+    with pytest.raises(ValueError, match=r"kernel holds 1 NaN or Inf value"):
+        fp8_linen.Fp8Dense.from_dense(kernel, bias)
+
+
+def test_gradient_through_the_module_is_the_straight_through_estimate(key):
+    """The input's gradient through `Fp8Dense` is `g @ dequant(weight)`; nnx.grad of the fp8
+    parameters is zero (they are constants), the bias's is `sum_m g`."""
+    kernel, bias, x = random_layer(key, 32, 16)
+    layer = fp8_nnx.Fp8Dense.from_dense(kernel, bias)
+    dx = jax.grad(lambda x: layer(x).sum())(x)
+    params = layer.params
+    dequantized = np.asarray(params.weight).astype(np.float64) * np.asarray(params.weight_scale, np.float64)
+    want = np.ones((21, 16)) @ dequantized
+    np.testing.assert_allclose(np.asarray(dx).reshape(-1, 32), want, rtol=1e-5, atol=1e-6)
+    grads = nnx.grad(lambda model: model(x).sum())(layer)
+    assert not np.asarray(grads["weight_scale"][...]).any() and not np.asarray(grads["weight"][...], np.float32).any()
+    np.testing.assert_allclose(np.asarray(grads["bias"][...]), np.full(16, 21.0), rtol=1e-6)

@@ -35,6 +35,10 @@ class QuantizationConfig:
       weight_granularity: "per_tensor" (`weight_scale` scalar or `(1,)`) or "per_channel" (`(N, 1)`).
       activation_scheme: "static" (`input_scale` per layer), "dynamic_per_tensor" or "dynamic_per_token".
       ignore: checkpoint prefixes of linear layers left in float.
+      targets: the compressed-tensors group's targets: `("Linear",)` (every linear layer not in
+        `ignore`, as llm-compressor writes it) or the quantized layers' prefixes, which `quantize`
+        writes so that no linear layer the file does not hold (a decoder tied to the embedding)
+        is taken for an fp8 one.
       form: "compressed-tensors" (what None means) or "fp8" (vLLM only; per-tensor weights with
         static or dynamic per-tensor activations).
       scheme: an `Fp8Scheme` instead of weight_granularity and activation_scheme (a field given as
@@ -45,6 +49,7 @@ class QuantizationConfig:
     activation_scheme: ActivationScheme = "dynamic_per_token"
     ignore: tuple[str, ...] = ()
     form: ConfigForm | None = None
+    targets: tuple[str, ...] = ("Linear",)
     scheme: Fp8Scheme | None = None
 
     def __post_init__(self):
@@ -65,6 +70,9 @@ class QuantizationConfig:
                 f"activation_scheme={self.activation_scheme!r}; use form='compressed-tensors'"
             )
         object.__setattr__(self, "ignore", tuple(self.ignore))
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not self.targets:
+            raise ValueError("targets must name at least one module (or 'Linear')")
 
     @staticmethod
     def fp8_form_holds(scheme: Fp8Scheme) -> bool:
@@ -106,7 +114,7 @@ class QuantizationConfig:
             "quantization_status": "compressed",
             "config_groups": {
                 "group_0": {
-                    "targets": ["Linear"],
+                    "targets": list(self.targets),
                     "weights": args(weight_strategy, False),
                     "input_activations": args(input_strategy, input_dynamic),
                     "output_activations": None,
@@ -190,14 +198,15 @@ class QuantizationConfig:
             _CT_INPUT_STRATEGY[input_key],
             _names(config, "ignore"),
             "compressed-tensors",
+            targets=_names(group, "targets", where) or ("Linear",),
         )
 
 
-def _names(config: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    """A list of layer names (`ignore`), checked."""
+def _names(config: Mapping[str, Any], key: str, where: str = "quantization_config") -> tuple[str, ...]:
+    """A list of layer names (`ignore`, `targets`), checked."""
     names = config.get(key) or ()
     if not isinstance(names, list | tuple) or not all(isinstance(name, str) for name in names):
-        raise ValueError(f"quantization_config.{key} must be a list of layer names, got {names!r}")
+        raise ValueError(f"{where}.{key} must be a list of layer names, got {names!r}")
     return tuple(names)
 
 

@@ -339,6 +339,7 @@ class CheckpointWriter:
     def _flush(self) -> None:
         path = self._temporary / f"shard-{len(self._shards):05d}.safetensors"
         save_file(self._pending, str(path), metadata=self.metadata)
+        os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0o600
         with open(path, "rb") as file:
             os.fsync(file.fileno())
         self._shards.append((path, sorted(self._pending)))

@@ -89,13 +89,12 @@ def check_kernel(path: str, kernel) -> None:
 
 
 def check_batch_stats(batch: int, stats: dict[str, dict | None]) -> None:
-    """Raises if calibration batch `batch` fed a layer a NaN or Inf (its merged stats count them)."""
-    for path, layer_stats in stats.items():
-        if layer_stats is not None and float(layer_stats["nonfinite"]) > 0:
-            raise ValueError(
-                f"calibration batch {batch}: the inputs of layer {path!r} hold NaN or Inf; "
-                "calibration data must be finite"
-            )
+    """Raises if calibration batch `batch` fed layers a NaN or Inf (their merged stats count them)."""
+    poisoned = sorted(path for path, layer in stats.items() if layer is not None and float(layer["nonfinite"]) > 0)
+    if poisoned:
+        raise ValueError(
+            f"calibration batch {batch}: the inputs of layer(s) {poisoned} hold NaN or Inf; calibration data must be finite"
+        )
 
 
 def check_calibration(static_paths: list[str], stacked_static: list[str], batches: list) -> None:

@@ -103,6 +103,31 @@ def test_hopper_exact(key, m, k, x_dtype, rows_per_block):
     check_quant(spread_rows(key, m, k, x_dtype), interpret=False, rows_per_block=rows_per_block)
 
 
+def poisoned_rows(key, m, k, dtype):
+    """`spread_rows` with NaN, +Inf and -Inf in rows 0, 2 and 3 (and all three in row 5)."""
+    x = np.array(spread_rows(key, m, k, jnp.float32))
+    x[0, 7], x[2, k - 1], x[3, k // 2] = np.nan, np.inf, -np.inf
+    x[5, 1:4] = (np.nan, np.inf, -np.inf)
+    return jnp.asarray(x).astype(dtype)
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
+def test_interpret_non_finite_stays_in_its_element(key, x_dtype):
+    """NaN -> a NaN code, ±Inf -> ±448, scales from the finite values (the other rows untouched)."""
+    x = poisoned_rows(key, 8, 1024, x_dtype)
+    q, scale = check_quant(x, scale_ub=jnp.array([3.0], jnp.float32) if x_dtype == jnp.float32 else None)
+    codes = np.asarray(q, np.float32)
+    assert np.isnan(codes[0, 7]) and codes[2, -1] == 448 and codes[3, 512] == -448 and np.isfinite(scale).all()
+    assert np.isnan(codes).sum() == 2
+
+
+@pytest.mark.skipif(not on_hopper, reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("m, k, x_dtype", [(8, 4096, jnp.bfloat16), (77, 12288, jnp.float32), (6, 768, jnp.float16)])
+def test_hopper_non_finite_stays_in_its_element(key, m, k, x_dtype):
+    q, scale = check_quant(poisoned_rows(key, m, k, x_dtype), interpret=False)
+    assert np.isnan(np.asarray(q, np.float32)).sum() == 2 and np.isfinite(np.asarray(scale)).all()
+
+
 @pytest.mark.skipif(not on_hopper, reason="needs a Hopper GPU (compute capability 9.x)")
 def test_hopper_scale_ub_and_dispatch(key):
     """`scaled_fp8_quant` takes the registered kernel on Hopper; scale_ub applies."""

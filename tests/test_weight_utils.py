@@ -97,6 +97,14 @@ def test_all_close_1d():
         (lambda w, s: requantize_with_max_scale(w.astype(jnp.float32), s, WIDTHS), TypeError, "weight must be float8"),
         (lambda w, s: convert_to_channelwise(s[:1], WIDTHS), ValueError, "one scale per shard"),
         (lambda w, s: normalize_e4m3fn_to_e4m3fnuz(w.astype(jnp.float8_e4m3fnuz), s), TypeError, "float8_e4m3fn"),
+        (lambda w, s: requantize_with_max_scale(w, s, [96, -16, 0]), ValueError, "logical_widths must be positive"),
+        (lambda w, s: convert_to_channelwise(s, [48, -8, 40]), ValueError, "logical_widths must be positive"),
+        (lambda w, s: requantize_with_max_scale(w, s.at[1].set(jnp.nan), WIDTHS), ValueError, "finite and > 0"),
+        (lambda w, s: requantize_with_max_scale(w, s.at[0].set(0.0), WIDTHS), ValueError, "finite and > 0"),
+        (lambda w, s: convert_to_channelwise(s.at[2].set(-1.0), WIDTHS), ValueError, "finite and > 0"),
+        (lambda w, s: normalize_e4m3fn_to_e4m3fnuz(w[0], s), ValueError, r"weight must be 2-D"),
+        (lambda w, s: normalize_e4m3fn_to_e4m3fnuz(w[0, 0], s), ValueError, r"weight must be 2-D"),
+        (lambda w, s: normalize_e4m3fn_to_e4m3fnuz(w, s.at[0].set(jnp.inf)), ValueError, "weight_scale must be"),
     ],
 )
 def test_bad_arguments(key, call, error, match):

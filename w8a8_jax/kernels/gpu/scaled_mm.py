@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from w8a8_jax import layout, platform
+from w8a8_jax import layout, platform, validation
 from w8a8_jax.kernels.gpu import tuned_block_sizes as tbs
 from w8a8_jax.kernels.gpu.tuned_block_sizes import GemmConfig
 
@@ -330,6 +330,7 @@ def scaled_mm(
     for name, scale, length in (("scale_a", scale_a, m), ("scale_b", scale_b, n)):
         if scale.size not in (1, length):
             raise ValueError(f"{name} must have 1 or {length} elements, got shape {tuple(scale.shape)}")
+        validation.check_scale_values(name, scale)
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     if m == 0:

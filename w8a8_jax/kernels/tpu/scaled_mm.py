@@ -369,6 +369,9 @@ def fused_quant_scaled_mm(
     elif scale_ub is not None:
         scale_ub = validation.per_tensor_scale("scale_ub", scale_ub)
     # Validate the weight side once, with the codes-path checks (dtype, shapes, scale values).
+    weight_scale = validation.as_scale("weight_scale", weight_scale)
+    validation.check_row_scale("weight_scale", weight_scale, n, "output channel")
+    validation.check_scale_values("weight_scale", weight_scale)
     placeholder_codes = jax.ShapeDtypeStruct((m, k), fp8_dtype)
     _, weight_scale, bias, out_dtype = validation.check_gemm_operands(
         placeholder_codes, weight, jnp.ones((1,), jnp.float32), weight_scale, bias, out_dtype

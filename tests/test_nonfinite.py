@@ -134,6 +134,24 @@ def test_op_outputs(seed):
     reference.assert_bit_identical(out[clean], np.asarray(apply(zeroed(x)), np.float32)[clean])
 
 
+@pytest.mark.parametrize("per_token", [False, True])
+def test_op_at_a_serving_shape(per_token):
+    """A shape the Hopper kernels take (K, N multiples of 256; on the H200 the plan runs the quant
+    kernel and the GEMM its table picks): NaN rows NaN, other rows finite, clean rows unchanged."""
+    rng = np.random.default_rng(7)
+    x, bad_rows = poisoned(rng, 64, 4096, jnp.bfloat16)
+    weight, weight_scale = quantization.quantize_weight(
+        jnp.asarray(rng.normal(size=(1024, 4096)), jnp.float32), "per_channel", jnp.float8_e4m3fn
+    )
+    op = Fp8LinearOp(use_per_token_if_dynamic=per_token)
+    out = np.asarray(op.apply(x, weight, weight_scale), np.float32)
+    nan_rows = np.isnan(np.asarray(x, np.float32)).any(axis=1)
+    plan = op.plan(x, weight, weight_scale)
+    assert np.isnan(out[nan_rows]).all() and np.isfinite(out[~nan_rows]).all(), plan
+    clean = np.setdiff1d(np.arange(64), bad_rows)
+    reference.assert_bit_identical(out[clean], np.asarray(op.apply(zeroed(x), weight, weight_scale), np.float32)[clean])
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_hopper_kernels_interpret(seed):
     """The Hopper per-token quant kernel and GEMM in Mosaic GPU interpret mode (the H200 runs the

@@ -168,7 +168,7 @@ def linear_weight_prefixes(
 
 
 def quantize_linear(
-    weight: np.ndarray, config: QuantizationConfig, input_amax: float | None = None
+    weight: np.ndarray, config: QuantizationConfig, input_amax: float | None = None, *, name: str = "weight"
 ) -> dict[str, np.ndarray]:
     """A float `(N, K)` checkpoint weight -> `{"weight", "weight_scale"[, "input_scale"]}` as stored.
 
@@ -179,7 +179,7 @@ def quantize_linear(
     if weight.dtype == np.float64:
         weight = weight.astype(np.float32)
     fp8_weight, weight_scale = quantization.quantize_weight(
-        jnp.asarray(weight), config.weight_granularity, jnp.float8_e4m3fn
+        jnp.asarray(weight), config.weight_granularity, jnp.float8_e4m3fn, name=name
     )
     scalar_shape = () if config.form == "fp8" else (1,)
     tensors = {"weight": np.asarray(fp8_weight), "weight_scale": np.asarray(weight_scale, np.float32)}
@@ -251,7 +251,7 @@ def quantize_checkpoint(
             weight = source.tensor(name)
             amax = _calibration_amax(prefix, calibration[prefix], weight.shape[1]) if config.is_static else None
             validation.check_finite(name, weight, "; it cannot be quantized")
-            quantized = quantize_linear(weight, config, amax)
+            quantized = quantize_linear(weight, config, amax, name=name)
             for key, array in quantized.items():
                 writer.add(f"{prefix}.{key}", array)
             scale = quantized["weight_scale"]

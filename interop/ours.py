@@ -37,9 +37,10 @@ def run(python: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def quantize(python: str, source: Path, output: Path, weights: str, activations: str, calibrate: Path | None = None):
-    """Our command line: `quantize source output` in one scheme, compressed-tensors form, default exclusions."""
+    """Our command line: `quantize source output` in one scheme, with the defaults a user gets (the
+    compressed-tensors form, the default exclusions)."""
     args = ["-m", "w8a8_jax", "quantize", source, output, "--weights", weights, "--activations", activations]
-    args += ["--format", "compressed-tensors", "--no-progress"]
+    args += ["--no-progress"]
     if calibrate is not None:
         args += ["--calibrate", calibrate]
     return run(python, *args)

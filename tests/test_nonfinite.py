@@ -226,3 +226,18 @@ def test_all_non_finite_rows_get_the_floor_scale():
     q, scale = quantization.quantize_dynamic_per_tensor(jnp.full((2, 3), np.nan, jnp.float32), jnp.float8_e4m3fn)
     assert float(scale[0]) == pytest.approx(1 / (448 * 512)) and np.isnan(np.asarray(q, np.float32)).all()
     assert ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max == 448
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+def test_empty_inputs(per_token, static):
+    """No rows (and rows of no features) quantize to empty codes; the per-tensor scale is the floor."""
+    for shape in ((0, 16), (3, 0)):
+        q, scale = scaled_fp8_quant(
+            jnp.ones(shape), jnp.array([0.5]) if static else None, use_per_token_if_dynamic=per_token
+        )
+        rows = shape[0] if per_token and not static else 1
+        assert q.shape == shape and scale.shape == ((rows, 1) if per_token and not static else (1,))
+        assert np.isfinite(np.asarray(scale)).all() and (np.asarray(scale) > 0).all()
+    with pytest.raises(ValueError, match=r"weight must be \(N, K\) with N, K >= 1"):
+        quantization.quantize_weight(jnp.ones((0, 16)), "per_tensor", jnp.float8_e4m3fn)

@@ -220,6 +220,10 @@ class Fp8LinearOp:
           input_scale_ub: `(1,)` upper bound on per-token amax (dynamic per-token only).
           bias: `(N,)` or None.
           use_per_token_if_dynamic: overrides the op's setting for this call.
+
+        Differentiable: `jax.grad` gives the input the straight-through estimate
+        `g @ dequant(weight)` (float32, cast to the input's dtype) and the bias `sum_m g`; the fp8
+        weight and the scales are constants (zero cotangents).
         """
         call = self._check(
             input, weight, weight_scale, out_dtype, input_scale, input_scale_ub, bias, use_per_token_if_dynamic

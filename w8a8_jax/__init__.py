@@ -2,12 +2,13 @@
 
 import importlib
 
+from w8a8_jax.block_scaled_mm import w8a8_block_fp8_matmul
 from w8a8_jax.dispatch import Plan
 from w8a8_jax.dtypes import FP8_E4M3FN, FP8_E4M3FNUZ, fp8_max
-from w8a8_jax.linear import Fp8LinearOp, bucket_rows
+from w8a8_jax.linear import Fp8LinearOp, W8A8BlockFp8LinearOp, bucket_rows
 from w8a8_jax.params import Fp8Params
 from w8a8_jax.platform import fp8_dtype, fused_fp8_supported
-from w8a8_jax.quantization import scaled_fp8_quant
+from w8a8_jax.quantization import per_token_group_quant_fp8, scaled_fp8_quant
 from w8a8_jax.scaled_mm import (
     dispatch_w8a8_scaled_mm,
     fused_w8a8_scaled_mm,
@@ -43,6 +44,7 @@ __all__ = [
     "Fp8Params",
     "Fp8Scheme",
     "Plan",
+    "W8A8BlockFp8LinearOp",
     "all_close_1d",
     "bucket_rows",
     "checkpoint",
@@ -57,9 +59,11 @@ __all__ = [
     "nnx",
     "normalize_e4m3fn_to_e4m3fnuz",
     "per_tensor_dequantize",
+    "per_token_group_quant_fp8",
     "requantize_with_max_scale",
     "scaled_fp8_quant",
     "sharding",
+    "w8a8_block_fp8_matmul",
     "xla_channelwise_w8a8_scaled_mm",
     "xla_per_tensor_w8a8_scaled_mm",
     "xla_per_token_w8a8_scaled_mm",

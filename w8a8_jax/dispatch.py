@@ -15,7 +15,11 @@ Quantizers (`Plan.quantizer`):
   "quantize_per_token"          XLA: one scale per row
   "kernel.per_token_quant"      the platform's fused per-token quant kernel
   "kernel.quant_scaled_mm"      inside the GEMM kernel, which then is the GEMM too
-GEMMs (`Plan.gemm`): the names of `scaled_mm`'s paths, or "kernel.quant_scaled_mm".
+  "quantize_per_token_group"    XLA: one scale per row and group of bk (block schemes)
+  "kernel.quant_block_scaled_mm" inside the block GEMM kernel, which then is the GEMM too
+GEMMs (`Plan.gemm`): the names of `scaled_mm`'s paths, or "kernel.quant_scaled_mm"; for block
+schemes (`Plan.block_size` set) "xla_block_w8a8_scaled_mm" (`block_scaled_mm`),
+"kernel.block_scaled_mm" or "kernel.quant_block_scaled_mm".
 """
 
 import dataclasses
@@ -34,6 +38,10 @@ XLA_QUANTIZERS = {
 KERNEL_PER_TOKEN_QUANT = "kernel.per_token_quant"
 KERNEL_QUANT_SCALED_MM = "kernel.quant_scaled_mm"
 FUSED_GEMM = scaled_mm.fused_w8a8_scaled_mm.__name__
+QUANTIZE_PER_TOKEN_GROUP = "quantize_per_token_group"
+XLA_BLOCK_GEMM = "xla_block_w8a8_scaled_mm"
+KERNEL_BLOCK_SCALED_MM = "kernel.block_scaled_mm"
+KERNEL_QUANT_BLOCK_SCALED_MM = "kernel.quant_block_scaled_mm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +55,7 @@ class Plan:
       kernel: the fused kernel whose functions the plan runs; None when it runs none of them.
       depends_on_rows: whether another M could change the GEMM (the kernel's measured table was
         read).
+      block_size: `(bn, bk)` of a block scheme's weights (its activation group is bk); None otherwise.
     """
 
     quantizer: str | None
@@ -54,6 +63,7 @@ class Plan:
     reason: str = dataclasses.field(default="", compare=False)
     kernel: FusedKernel | None = dataclasses.field(default=None, repr=False)
     depends_on_rows: bool = dataclasses.field(default=False, compare=False)
+    block_size: tuple[int, int] | None = None
 
 
 def choose_quantizer(
@@ -106,6 +116,8 @@ def plan(
       kernel: the platform's fused kernel, or None where none may run.
     """
     (m, k), n = input_shape, weight_shape[0]
+    if scheme.is_block:
+        return _block_plan(scheme.block_size, m, k, n, input_dtype, weight_dtype, out_dtype, kernel)
     per_tensor_activations = not scheme.per_token
     takes, why = _kernel_takes_gemm(kernel, k, n, weight_dtype)
     path = scaled_mm.dispatch_w8a8_scaled_mm(takes, scheme.per_tensor_weights, per_tensor_activations, scheme.per_token)
@@ -136,3 +148,36 @@ def plan(
     runs_kernel = gemm in (FUSED_GEMM, KERNEL_QUANT_SCALED_MM) or quantizer == KERNEL_PER_TOKEN_QUANT
     reason = f"GEMM: {why}; quantizer: {quant_why}"
     return Plan(quantizer, gemm, reason, kernel if runs_kernel else None, depends_on_rows)
+
+
+def _block_plan(block_size, m, k, n, input_dtype, weight_dtype, out_dtype, kernel: FusedKernel | None) -> Plan:
+    """A block scheme's plan: the kernel's block GEMM where it takes the shape, else XLA's."""
+    if kernel is None or kernel.block_scaled_mm is None:
+        takes, why = False, "no block-scaled fp8 kernel on this device (or fused_supported=False)"
+    elif np.dtype(weight_dtype) not in kernel.fp8_dtypes:
+        takes, why = False, f"the block kernel does not take {np.dtype(weight_dtype).name}"
+    elif not kernel.block_scaled_mm_supports(m, k, n, block_size, weight_dtype):
+        takes, why = False, f"the block kernel does not take M={m}, K={k}, N={n}, blocks {block_size}"
+    else:
+        takes, why = True, "the block kernel takes the shape"
+    gemm = KERNEL_BLOCK_SCALED_MM if takes else XLA_BLOCK_GEMM
+    if not takes:
+        why = f"{why}: the XLA block GEMM"
+    if dtypes.is_fp8(input_dtype):
+        quantizer, quant_why = None, "fp8 input"
+    elif (
+        takes
+        and kernel.quant_block_scaled_mm is not None
+        and kernel.quant_block_scaled_mm_supports(m, k, n, block_size, input_dtype, weight_dtype, out_dtype)
+    ):
+        quantizer = gemm = KERNEL_QUANT_BLOCK_SCALED_MM
+        quant_why = "quantized inside the block GEMM kernel"
+    else:
+        quantizer, quant_why = QUANTIZE_PER_TOKEN_GROUP, f"per token in groups of {block_size[1]}: the XLA formula"
+    return Plan(
+        quantizer,
+        gemm,
+        f"GEMM: {why}; quantizer: {quant_why}",
+        kernel if takes else None,
+        block_size=tuple(block_size),
+    )

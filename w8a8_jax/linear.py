@@ -1,4 +1,9 @@
-"""`Fp8LinearOp`: quantize the activation, pick a scaled-GEMM path, run it (vLLM's Fp8LinearOp)."""
+"""The fp8 linear ops: quantize the activation, pick a scaled-GEMM path, run it.
+
+`Fp8LinearOp` (vLLM's Fp8LinearOp: per-tensor and per-channel weights) and `W8A8BlockFp8LinearOp`
+(vLLM's W8A8BlockFp8LinearOp: DeepSeek-V3's block weights and per-token-group activations) share
+the plan, the row buckets, one jitted program per plan and the gradient.
+"""
 
 import dataclasses
 import functools
@@ -8,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from w8a8_jax import dispatch, dtypes, layout, platform, quantization, scaled_mm, validation
+from w8a8_jax import block_scaled_mm, dispatch, dtypes, layout, platform, quantization, scaled_mm, validation
+from w8a8_jax import scheme as scheme_lib
 from w8a8_jax.platform import FusedKernel
 from w8a8_jax.scheme import Fp8Scheme
 
@@ -31,6 +37,8 @@ def bucket_rows(m: int) -> int:
 def _run_plan(x, weight, weight_scale, input_scale, input_scale_ub, bias, *, out_dtype, plan: dispatch.Plan):
     """`x (M, K)` float or fp8 -> `(M, N)` out_dtype, running what `plan` names; one program per
     shape and plan (the plan is part of the cache key, so a new plan compiles anew)."""
+    if plan.block_size is not None:
+        return block_scaled_mm.run_block_plan(plan, x, weight, weight_scale, input_scale, bias, out_dtype)
     if plan.gemm == dispatch.KERNEL_QUANT_SCALED_MM:
         return plan.kernel.quant_scaled_mm(
             x, weight, weight_scale, input_scale=input_scale, scale_ub=input_scale_ub, bias=bias, out_dtype=out_dtype
@@ -64,7 +72,7 @@ def _linear_2d_backward(out_dtype, plan, residuals, cotangent):
     if dtypes.is_fp8(x.dtype):
         dx = jnp.zeros_like(x)
     else:
-        dequantized = weight.astype(jnp.float32) * weight_scale.reshape(-1, 1)  # (N, K)
+        dequantized = quantization.dequantize_weight(weight, weight_scale, plan.block_size)  # (N, K)
         dx = jnp.dot(g, dequantized, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
     dbias = None if bias is None else jnp.sum(g, axis=0).astype(bias.dtype)
     zeros = jax.tree.map(jnp.zeros_like, (weight, weight_scale, input_scale, input_scale_ub))
@@ -79,12 +87,41 @@ class _Call:
     """One call's checked arguments and what the plan needs of them."""
 
     weight_scale: jax.Array
-    input_scale: jax.Array | None
+    input_scale: jax.Array | None  # (1,), or for fp8 input of a block scheme (M, KB): one per row
     input_scale_ub: jax.Array | None
     out_dtype: np.dtype
     scheme: Fp8Scheme
     rows: int  # M of the input
     gemm_rows: int  # M the GEMM sees (the bucket, where rows are padded)
+    input_scale_per_row: bool = False
+
+
+def _gemm_rows(input, rows: int, pad_output: bool) -> int:
+    """The rows the GEMM runs: the bucket of eagerly called inputs (`bucket_rows`), else `rows`."""
+    return bucket_rows(rows) if pad_output and not isinstance(input, jax.core.Tracer) else rows
+
+
+def _apply_rows(input, weight, call: _Call, plan: dispatch.Plan, bias) -> jax.Array:
+    """`input (..., K)` (rows >= 1) through `plan` -> `(..., N)`: rows padded to the bucket and back."""
+    k, n = weight.shape[1], weight.shape[0]
+    x, input_scale = input.reshape(-1, k), call.input_scale
+    pad = call.gemm_rows - call.rows
+    if pad:
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        if call.input_scale_per_row:
+            input_scale = jnp.pad(input_scale, ((0, pad), (0, 0)), constant_values=1)  # zero codes stay zero
+    out = _linear_2d(x, weight, call.weight_scale, input_scale, call.input_scale_ub, bias, call.out_dtype, plan)
+    return out[: call.rows].reshape(*input.shape[:-1], n)
+
+
+def _requested_kernel(request: bool | None) -> FusedKernel | None:
+    """The platform's fused kernel where `request` (an op's `fused_supported`) allows it."""
+    if request is False:
+        return None
+    kernel = platform.fused_kernel()
+    if kernel is None and request:
+        raise ValueError("fused_supported=True, but no fused fp8 kernel runs on this device")
+    return kernel
 
 
 class Fp8LinearOp:
@@ -122,12 +159,7 @@ class Fp8LinearOp:
         return self._kernel() is not None
 
     def _kernel(self) -> FusedKernel | None:
-        if self._fused_request is False:
-            return None
-        kernel = platform.fused_kernel()
-        if kernel is None and self._fused_request:
-            raise ValueError("fused_supported=True, but no fused fp8 kernel runs on this device")
-        return kernel
+        return _requested_kernel(self._fused_request)
 
     def _check(self, input, weight, weight_scale, out_dtype, input_scale, input_scale_ub, bias, per_token) -> _Call:
         """Checks one call's arguments at trace time; every error names the argument."""
@@ -162,9 +194,8 @@ class Fp8LinearOp:
         activation = "static" if input_scale is not None else "dynamic_per_token" if per_token else "dynamic_per_tensor"
         scheme = Fp8Scheme("per_tensor" if validation.is_per_tensor(weight_scale) else "per_channel", activation)
         rows = math.prod(input.shape[:-1])
-        padded = self.pad_output and not isinstance(input, jax.core.Tracer)
         return _Call(
-            weight_scale, input_scale, input_scale_ub, out_dtype, scheme, rows, bucket_rows(rows) if padded else rows
+            weight_scale, input_scale, input_scale_ub, out_dtype, scheme, rows, _gemm_rows(input, rows, self.pad_output)
         )
 
     def _plan(self, call: _Call, input, weight) -> dispatch.Plan:
@@ -228,17 +259,10 @@ class Fp8LinearOp:
         call = self._check(
             input, weight, weight_scale, out_dtype, input_scale, input_scale_ub, bias, use_per_token_if_dynamic
         )
-        k, n = weight.shape[1], weight.shape[0]
         if call.rows == 0:
-            return jnp.zeros((*input.shape[:-1], n), call.out_dtype)
+            return jnp.zeros((*input.shape[:-1], weight.shape[0]), call.out_dtype)
         plan = self._plan(call, input, weight)
-        x = input.reshape(-1, k)
-        if call.gemm_rows != call.rows:
-            x = jnp.pad(x, ((0, call.gemm_rows - call.rows), (0, 0)))
-        out = _linear_2d(
-            x, weight, call.weight_scale, call.input_scale, call.input_scale_ub, bias, call.out_dtype, plan
-        )
-        return out[: call.rows].reshape(*input.shape[:-1], n)
+        return _apply_rows(input, weight, call, plan, bias)
 
     def gemm_path(self, weight, weight_scale, input_scale=None, use_per_token_if_dynamic=None, *, input=None):
         """The scaled-GEMM function `apply` would run for these parameters (for logs and notebooks).
@@ -254,3 +278,131 @@ class Fp8LinearOp:
         if plan.gemm == dispatch.KERNEL_QUANT_SCALED_MM:
             return scaled_mm.fused_w8a8_scaled_mm
         return getattr(scaled_mm, plan.gemm)
+
+
+class W8A8BlockFp8LinearOp:
+    """A block-scaled fp8 linear layer's computation (vLLM's W8A8BlockFp8LinearOp: DeepSeek-V3,
+    Qwen3-FP8): activations quantized per token in groups of bk, weights scaled per (bn, bk) block.
+
+    >>> op = W8A8BlockFp8LinearOp()                 # 128x128 weight blocks, 1x128 activation groups
+    >>> y = op.apply(x, weight, weight_scale)       # x (..., K) bf16, weight (N, K) fp8,
+    ...                                             # weight_scale (ceil(N/128), ceil(K/128)) -> (..., N)
+
+    Args:
+      weight_group_shape: `(bn, bk)`, the weight block (default (128, 128)).
+      act_quant_group_shape: `(1, bk)`, one scale per token and group of bk along K; bk must be the
+        weight block's.
+      fused_supported: allow the platform's block kernel (True requires a fused kernel); None
+        detects it on each call.
+      pad_output: pad eagerly called inputs' rows to a bucket, as `Fp8LinearOp` (None means True).
+    """
+
+    def __init__(
+        self,
+        weight_group_shape=scheme_lib.DEFAULT_BLOCK_SIZE,
+        act_quant_group_shape=(1, scheme_lib.DEFAULT_BLOCK_SIZE[1]),
+        fused_supported: bool | None = None,
+        pad_output: bool | None = None,
+    ):
+        self.block_size = scheme_lib.check_block_size(weight_group_shape)
+        act = tuple(act_quant_group_shape) if isinstance(act_quant_group_shape, list | tuple) else None
+        if act != (1, self.block_size[1]):
+            raise ValueError(
+                f"act_quant_group_shape must be (1, {self.block_size[1]}): one scale per token and group of the "
+                f"weight block's bk={self.block_size[1]}, got {act_quant_group_shape!r}"
+            )
+        if fused_supported and not platform.fused_fp8_supported():
+            raise ValueError("fused_supported=True, but no fused fp8 kernel runs on this device")
+        self._fused_request = fused_supported
+        self.pad_output = True if pad_output is None else pad_output
+        self.scheme = Fp8Scheme("block", block_size=self.block_size, fused=fused_supported)
+
+    def _check(self, input, weight, weight_scale, input_scale, bias, out_dtype) -> _Call:
+        """Checks one call's arguments at trace time; every error names the argument."""
+        validation.check_fp8("weight", weight)
+        n, k = weight.shape
+        if n == 0 or k == 0:
+            raise ValueError(f"weight must be (N, K) with N, K >= 1, got shape {tuple(weight.shape)}")
+        if len(input.shape) < 1 or input.shape[-1] != k:
+            raise ValueError(f"input must be (..., K) with K={k} (weight's last dim), got shape {tuple(input.shape)}")
+        weight_scale = validation.as_scale("weight_scale", weight_scale)
+        validation.check_block_scale("weight_scale", weight_scale, n, k, self.block_size, "weight")
+        validation.check_scale_values("weight_scale", weight_scale)
+        lead, groups = tuple(input.shape[:-1]), quantization.num_groups(k, self.block_size[1])
+        rows = math.prod(lead)
+        if dtypes.is_fp8(input.dtype):
+            if input.dtype != weight.dtype:
+                raise TypeError(f"fp8 input must have weight's dtype {weight.dtype}, got {input.dtype}")
+            if input_scale is None:
+                raise ValueError(f"fp8 input needs its input_scale, {(*lead, groups)}: one per token and group")
+            input_scale = validation.as_scale("input_scale", input_scale)
+            if tuple(input_scale.shape) != (*lead, groups):
+                raise ValueError(
+                    f"input_scale must be {(*lead, groups)}, one per token and group of {self.block_size[1]}, "
+                    f"got shape {tuple(input_scale.shape)}"
+                )
+            validation.check_scale_values("input_scale", input_scale)
+            input_scale = input_scale.reshape(rows, groups)
+        else:
+            validation.check_float_input("input", input)
+            if input_scale is not None:
+                raise ValueError("input_scale goes with fp8 input only: float input is quantized per token group")
+        if out_dtype is None:
+            out_dtype = input.dtype if not dtypes.is_fp8(input.dtype) else np.dtype("bfloat16")
+        out_dtype = validation.check_out_dtype(out_dtype)
+        if bias is not None:
+            if tuple(bias.shape) != (n,):
+                raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+            validation.check_float_input("bias", bias)
+        return _Call(
+            weight_scale,
+            input_scale,
+            None,
+            out_dtype,
+            self.scheme,
+            rows,
+            _gemm_rows(input, rows, self.pad_output),
+            input_scale_per_row=input_scale is not None,
+        )
+
+    def _plan(self, call: _Call, input, weight) -> dispatch.Plan:
+        return dispatch.plan(
+            self.scheme,
+            input_shape=(call.gemm_rows, weight.shape[1]),
+            input_dtype=input.dtype,
+            weight_shape=weight.shape,
+            weight_dtype=weight.dtype,
+            out_dtype=call.out_dtype,
+            kernel=_requested_kernel(self._fused_request),
+        )
+
+    def plan(self, input, weight, weight_scale, input_scale=None, bias=None, out_dtype=None) -> dispatch.Plan:
+        """The `dispatch.Plan` `apply` would run (`input` may be a `jax.ShapeDtypeStruct`)."""
+        return self._plan(self._check(input, weight, weight_scale, input_scale, bias, out_dtype), input, weight)
+
+    def apply(
+        self,
+        input: jax.Array,
+        weight: jax.Array,
+        weight_scale: jax.Array,
+        input_scale: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        out_dtype=None,
+    ) -> jax.Array:
+        """`input (..., K)` -> `(..., N)`: `block_scaled_mm`'s sum over k-blocks, plus bias.
+
+        Args:
+          input: `(..., K)` bf16/f16/f32, quantized by `per_token_group_quant_fp8`; or fp8 codes
+            already quantized so, with their `input_scale`.
+          weight: `(N, K)` fp8.
+          weight_scale: `(ceil(N / bn), ceil(K / bk))` float32 (a checkpoint's `weight_scale_inv`).
+          input_scale: `(..., ceil(K / bk))` float32 group scales of fp8 input; None for float input.
+          bias: `(N,)` or None.
+          out_dtype: bf16, f16 or f32; default the input's dtype (bf16 for fp8 input).
+
+        Works under `jax.jit`; differentiable as `Fp8LinearOp.apply` (straight-through).
+        """
+        call = self._check(input, weight, weight_scale, input_scale, bias, out_dtype)
+        if call.rows == 0:
+            return jnp.zeros((*input.shape[:-1], weight.shape[0]), call.out_dtype)
+        return _apply_rows(input, weight, call, self._plan(call, input, weight), bias)

@@ -44,6 +44,15 @@ class FusedKernel:
         *, input_scale, scale_ub, bias, out_dtype) -> (M, N)`.
       quant_scaled_mm_supports: `(m, k, n, input_dtype, fp8_dtype, out_dtype, per_token) -> bool`,
         the shapes it quantizes in-kernel (e.g. a whole row in one block for per-token).
+      block_scaled_mm: optional block-scaled GEMM (`block_scaled_mm`'s signature): `(qinput,
+        weight, scale_a (M, KB), scale_b (ceil(N / bn), KB), block_size, bias, out_dtype) -> (M, N)`.
+      block_scaled_mm_supports: `(m, k, n, block_size, fp8_dtype) -> bool`, where it runs (its
+        tiling rules and, where measured, where it beats XLA's block GEMM).
+      quant_block_scaled_mm: optional block GEMM that quantizes its float input per token group
+        itself, codes identical to `per_token_group_quant_fp8`'s: `(x (M, K), weight, weight_scale,
+        block_size, bias, out_dtype) -> (M, N)`.
+      quant_block_scaled_mm_supports: `(m, k, n, block_size, input_dtype, fp8_dtype, out_dtype) ->
+        bool`, the shapes it quantizes in-kernel.
     """
 
     scaled_mm: ScaledMM
@@ -55,6 +64,10 @@ class FusedKernel:
     per_token_quant_supports: Callable[..., bool] = _always
     quant_scaled_mm: Callable[..., jax.Array] | None = None
     quant_scaled_mm_supports: Callable[..., bool] = _always
+    block_scaled_mm: Callable[..., jax.Array] | None = None
+    block_scaled_mm_supports: Callable[..., bool] = _always
+    quant_block_scaled_mm: Callable[..., jax.Array] | None = None
+    quant_block_scaled_mm_supports: Callable[..., bool] = _always
 
 
 # Kernel packages register themselves on import; these are imported on the first query.

@@ -5,8 +5,15 @@ For a fp8 dtype with clamp bound `max` (448 for e4m3fn, 224 for e4m3fnuz):
       dynamic per-tensor s = amax(|x|) / max   (all-zero input: s = 1 / (max * 512))
   dynamic per-token:           q = fp8(clamp(x / s_m, -max, max))
       s_m = max(min(amax_m, scale_ub) / max, 1 / (max * 512)), one per row
+  dynamic per-token group:     q = fp8(clamp(x / s_mg, -max, max))
+      s_mg = max(amax_mg, eps) / max, one per row and group of G along K (the last group may be
+      partial), optionally rounded up to a power of two (UE8M0); vLLM's `per_token_group_quant_fp8`
 All arithmetic is float32; the cast rounds to nearest even. Codes are bit-identical to vLLM's CUDA
 kernels for the same scale.
+
+Weights: per tensor and per channel as the dynamic per-tensor and per-token formulas; in blocks of
+`(bn, bk)` as the per-token formula on each block, `s_b = amax_b / max` (the floor for an all-zero
+block), `q = fp8(clamp(w / s_b))`.
 
 Non-finite inputs stay where they are: the amax is taken over the finite values only (`finite_amax`),
 so a scale is always finite and > 0; a NaN element becomes a NaN code (its token's outputs are NaN)
@@ -22,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from w8a8_jax import dispatch, dtypes, platform, validation
+from w8a8_jax import scheme as scheme_lib
 from w8a8_jax.platform import FusedKernel
 
 
@@ -121,6 +129,84 @@ def quantize_per_token(
     return _to_fp8(true_divide(x, scale), fp8_dtype), scale
 
 
+# vLLM's default floor on a group's amax.
+GROUP_EPS = 1e-10
+
+
+def round_up_to_power_of_two(scale: jax.Array) -> jax.Array:
+    """The smallest power of two >= each (positive, finite) float32 `scale`, exactly (UE8M0 scales)."""
+    mantissa, exponent = jnp.frexp(scale)  # scale = mantissa * 2**exponent, mantissa in [0.5, 1)
+    exponent = jnp.where(mantissa == 0.5, exponent - 1, exponent)
+    return jnp.ldexp(jnp.ones_like(scale), exponent)
+
+
+def num_groups(size: int, group: int) -> int:
+    """How many groups (or blocks) of `group` cover `size`, the last one partial: `ceil(size / group)`."""
+    return -(-size // group)
+
+
+def _pad_last(x: jax.Array, multiple: int) -> jax.Array:
+    pad = num_groups(x.shape[-1], multiple) * multiple - x.shape[-1]
+    return jnp.pad(x, ((0, 0), (0, pad))) if pad else x
+
+
+def quantize_per_token_group(
+    x: jax.Array,
+    group_size: int,
+    fp8_dtype,
+    *,
+    eps: float = GROUP_EPS,
+    use_ue8m0: bool = False,
+    reduce_amax: AmaxReduce | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`x (M, K)` float -> codes `(M, K)` fp8 and scales `(M, ceil(K / group_size))` float32.
+
+    One scale per row and group of `group_size` consecutive elements along K, the last group
+    partial where K is not a multiple. `reduce_amax` combines each `(M, G)` amax with other shards'
+    (a row-parallel layer's K shards hold whole groups).
+    """
+    m, k = x.shape
+    groups = num_groups(k, group_size)
+    x = _pad_last(x.astype(jnp.float32), group_size).reshape(m, groups, group_size)  # zeros leave an amax
+    amax = finite_amax(x, axis=2)[..., 0]
+    if reduce_amax is not None:
+        amax = reduce_amax(amax)
+    scale = true_divide(jnp.maximum(amax, jnp.float32(eps)), jnp.float32(dtypes.fp8_max(fp8_dtype)))
+    if use_ue8m0:
+        scale = round_up_to_power_of_two(scale)
+    codes = _to_fp8(true_divide(x, scale[..., None]), fp8_dtype).reshape(m, groups * group_size)
+    return codes[:, :k], scale
+
+
+def expand_block_scale(scale: jax.Array, block_size: tuple[int, int], shape: tuple[int, int]) -> jax.Array:
+    """A block scale `(ceil(N / bn), ceil(K / bk))` as the `(N, K)` array of each element's scale."""
+    (bn, bk), (n, k) = block_size, shape
+    return jnp.repeat(jnp.repeat(scale, bn, axis=0)[:n], bk, axis=1)[:, :k]
+
+
+def dequantize_weight(weight: jax.Array, weight_scale: jax.Array, block_size: tuple[int, int] | None = None):
+    """`weight (N, K)` fp8 and its scale -> the float32 weight `(N, K)` it stands for.
+
+    `weight_scale` is `(1,)` or `(N, 1)` (block_size None) or `(ceil(N / bn), ceil(K / bk))`.
+    """
+    weight = weight.astype(jnp.float32)
+    if block_size is None:
+        return weight * weight_scale.reshape(-1, 1)
+    return weight * expand_block_scale(weight_scale, block_size, weight.shape)
+
+
+def quantize_block_weight(weight: jax.Array, block_size: tuple[int, int], fp8_dtype) -> tuple[jax.Array, jax.Array]:
+    """A float weight `(N, K)` -> codes `(N, K)` fp8 and scales `(ceil(N / bn), ceil(K / bk))` float32."""
+    (n, k), (bn, bk) = weight.shape, block_size
+    row_blocks, col_blocks = num_groups(n, bn), num_groups(k, bk)
+    padded = _pad_last(weight.astype(jnp.float32), bk)
+    padded = jnp.pad(padded, ((0, row_blocks * bn - n), (0, 0))).reshape(row_blocks, bn, col_blocks, bk)
+    amax = jnp.max(finite_amax(padded, axis=3), axis=1)[..., 0]  # (row_blocks, col_blocks)
+    scale = scale_from_amax(amax, fp8_dtype)
+    codes = _to_fp8(true_divide(padded, scale[:, None, :, None]), fp8_dtype)
+    return codes.reshape(row_blocks * bn, col_blocks * bk)[:n, :k], scale
+
+
 def quantize_activation(
     x: jax.Array,
     activation_scheme: str,
@@ -134,6 +220,7 @@ def quantize_activation(
 
     "static": `input_scale (1,)` given, returned as the scale; "dynamic_per_tensor": scale `(1,)`;
     "dynamic_per_token": scales `(M, 1)`, bounded by `scale_ub (1,)` if given.
+    ("dynamic_per_token_group" needs its group size: `quantize_per_token_group`.)
     """
     if activation_scheme == "static":
         return quantize_per_tensor(x, input_scale.reshape(()), fp8_dtype), input_scale.reshape(1)
@@ -162,14 +249,20 @@ def run_quantizer(
 
 
 def quantize_weight(
-    weight: jax.Array, weight_granularity: str, fp8_dtype, *, name: str = "weight"
+    weight: jax.Array,
+    weight_granularity: str,
+    fp8_dtype,
+    *,
+    block_size: tuple[int, int] | None = None,
+    name: str = "weight",
 ) -> tuple[jax.Array, jax.Array]:
     """A float weight `(N, K)` -> fp8 codes `(N, K)` and float32 `weight_scale`.
 
-    The scale is `amax / fp8_max` over the whole weight (`(1,)`, "per_tensor") or over each output
-    channel (`(N, 1)`, "per_channel"): vLLM's online weight quantization (the dynamic per-tensor
-    formula, or the per-token one on the `(N, K)` rows). A concrete weight must be finite (a NaN or
-    Inf would silently shrink or skip its scale); `name` names it in the errors.
+    The scale is `amax / fp8_max` over the whole weight (`(1,)`, "per_tensor"), over each output
+    channel (`(N, 1)`, "per_channel"), or over each `block_size` block (`(ceil(N / bn), ceil(K /
+    bk))`, "block"): vLLM's online weight quantization (the dynamic per-tensor formula, or the
+    per-token one on the `(N, K)` rows or blocks). A concrete weight must be finite (a NaN or Inf
+    would silently shrink or skip its scale); `name` names it in the errors.
     """
     weight = jnp.asarray(weight)
     if weight.ndim != 2 or 0 in weight.shape:
@@ -179,7 +272,11 @@ def quantize_weight(
         return quantize_per_token(weight, None, fp8_dtype)
     if weight_granularity == "per_tensor":
         return quantize_dynamic_per_tensor(weight, fp8_dtype)
-    raise ValueError(f"weight_granularity must be 'per_tensor' or 'per_channel', got {weight_granularity!r}")
+    if weight_granularity == "block":
+        return quantize_block_weight(weight, scheme_lib.check_block_size(block_size), fp8_dtype)
+    raise ValueError(
+        f"weight_granularity must be 'per_tensor', 'per_channel' or 'block', got {weight_granularity!r}"
+    )
 
 
 def scaled_fp8_quant(
@@ -232,3 +329,46 @@ def scaled_fp8_quant(
         if per_token:
             scale = jnp.pad(scale, ((0, padding), (0, 0)))
     return q, scale
+
+
+def per_token_group_quant_fp8(
+    input: jax.Array,
+    group_size: int,
+    eps: float = GROUP_EPS,
+    *,
+    column_major_scales: bool = False,
+    use_ue8m0: bool = False,
+    fp8_dtype=None,
+) -> tuple[jax.Array, jax.Array]:
+    """Quantizes `input (..., K)` per token in groups of `group_size` along K, as vLLM's
+    `per_token_group_quant_fp8` (the activations of DeepSeek-V3-style block fp8 layers).
+
+    `s = max(amax(|group|), eps) / fp8_max` per token and group (the last group partial where K is
+    not a multiple), rounded up to a power of two with `use_ue8m0`; `q = fp8(clamp(x / s))` with
+    correctly rounded division. Codes and scales are bit-identical to vLLM's kernel's.
+
+    Args:
+      input: `(..., K)` bfloat16, float16 or float32, K >= 1.
+      group_size: G, elements per group (128 for DeepSeek-V3).
+      eps: floor on a group's amax (vLLM's default 1e-10), finite and > 0.
+      column_major_scales: accepted for vLLM's signature; a JAX array has no strides, so the scales
+        are the same `(..., ceil(K / G))` array either way (XLA picks their layout).
+      use_ue8m0: round each scale up to a power of two (DeepGEMM's UE8M0 scales).
+      fp8_dtype: float8_e4m3fn or float8_e4m3fnuz; default the platform's.
+
+    Returns:
+      `(q, scale)`: q `(..., K)` fp8; scale `(..., ceil(K / G))` float32.
+    """
+    validation.check_float_input("input", input)
+    if input.ndim < 1 or input.shape[-1] == 0:
+        raise ValueError(f"input must be (..., K) with K >= 1, got shape {tuple(input.shape)}")
+    validation.check_group_size("group_size", group_size)
+    if not (isinstance(eps, int | float) and np.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+    del column_major_scales
+    fp8_dtype = platform.resolve_fp8_dtype(fp8_dtype)
+    lead, k = input.shape[:-1], input.shape[-1]
+    q, scale = quantize_per_token_group(
+        input.reshape(-1, k), group_size, fp8_dtype, eps=eps, use_ue8m0=bool(use_ue8m0)
+    )
+    return q.reshape(*lead, k), scale.reshape(*lead, scale.shape[-1])

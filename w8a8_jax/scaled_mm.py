@@ -31,7 +31,7 @@ def apply_scales(acc, scale_a, scale_b, bias, out_dtype) -> jax.Array:
     return out.astype(out_dtype)
 
 
-def _upcast_codes(qinput, weight) -> tuple[jax.Array, jax.Array]:
+def upcast_codes(qinput, weight) -> tuple[jax.Array, jax.Array]:
     """Both fp8 code arrays as float32 (exact), behind an optimization barrier: in a program that
     also quantizes, XLA:GPU would otherwise fold `f32 -> fp8 -> f32` into nothing (its
     excess-precision conversion pass) and multiply the unquantized activations."""
@@ -39,31 +39,39 @@ def _upcast_codes(qinput, weight) -> tuple[jax.Array, jax.Array]:
     return qinput.astype(jnp.float32), weight.astype(jnp.float32)
 
 
-def _fp8_dot(qinput, weight) -> jax.Array:
-    """`(M, K) x (N, K)` fp8 -> `(M, N)` float32, accumulated in float32.
+def fp8_dot_is_cublas(dtype) -> bool:
+    """Whether fp8 `dot_general`s of `dtype` run cuBLASLt's fp8 GEMM by name (CUDA, e4m3fn).
 
-    On CUDA GPUs the algorithm is named: at default precision XLA:GPU runs cuBLASLt's fp8 GEMM with
-    fast accumulation, in the tensor cores' reduced-precision accumulator. XLA:GPU rejects that
-    algorithm for a matrix-vector product (M or N of 1) and for e4m3fnuz codes: the former is
-    written as float32 products summed in float32 (one fused reduction reading each code once, up
-    to 2.8x faster than XLA's default there on an H100), the latter keeps XLA's default, which
-    upcasts them.
-    CPU takes no algorithm and accumulates in float32 anyway; ROCm keeps XLA's default (not
-    measured there).
+    At default precision XLA:GPU runs cuBLASLt's fp8 GEMM with fast accumulation, in the tensor
+    cores' reduced-precision accumulator; `fp8_dot_general` names the float32 algorithm instead.
+    XLA:GPU rejects that algorithm for a matrix-vector product (M or N of 1) and for e4m3fnuz
+    codes: the former is written as float32 products summed in float32 by the callers (one fused
+    reduction reading each code once, up to 2.8x faster than XLA's default there on an H100), the
+    latter keeps XLA's default, which upcasts them. CPU takes no algorithm and accumulates in
+    float32 anyway; ROCm keeps XLA's default (not measured there).
     """
-    cuda = jax.default_backend() == "gpu" and not platform.is_rocm()
-    if not cuda or qinput.dtype != dtypes.FP8_E4M3FN:
-        return jax.lax.dot_general(qinput, weight, layout.CONTRACT_K, preferred_element_type=jnp.float32)
-    if 1 in (qinput.shape[0], weight.shape[0]):
-        a, b = _upcast_codes(qinput, weight)
-        return jnp.sum(a[:, None, :] * b[None, :, :], axis=-1)
+    return jax.default_backend() == "gpu" and not platform.is_rocm() and dtype == dtypes.FP8_E4M3FN
+
+
+def fp8_dot_general(lhs, rhs, dimension_numbers) -> jax.Array:
+    """An fp8 `dot_general` with float32 output, accumulated in float32 (see `fp8_dot_is_cublas`)."""
+    if not fp8_dot_is_cublas(lhs.dtype):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
     return jax.lax.dot_general(
-        qinput,
-        weight,
-        layout.CONTRACT_K,
+        lhs,
+        rhs,
+        dimension_numbers,
         precision=jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32,
         preferred_element_type=jnp.float32,
     )
+
+
+def _fp8_dot(qinput, weight) -> jax.Array:
+    """`(M, K) x (N, K)` fp8 -> `(M, N)` float32, accumulated in float32."""
+    if 1 in (qinput.shape[0], weight.shape[0]) and fp8_dot_is_cublas(qinput.dtype):
+        a, b = upcast_codes(qinput, weight)
+        return jnp.sum(a[:, None, :] * b[None, :, :], axis=-1)
+    return fp8_dot_general(qinput, weight, layout.CONTRACT_K)
 
 
 def xla_per_tensor_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype) -> jax.Array:
@@ -92,12 +100,12 @@ def xla_channelwise_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_d
 
     Exact at default precision: fp8 codes (4 significant bits) are representable in the bf16/tf32
     inputs of reduced-precision f32 matmuls, and their products in float32. The codes are upcast
-    behind an optimization barrier (`_upcast_codes`).
+    behind an optimization barrier (`upcast_codes`).
     """
     scale_a, scale_b, bias, out_dtype = validation.check_gemm_operands(
         qinput, weight, scale_a, scale_b, bias, out_dtype
     )
-    acc = jax.lax.dot_general(*_upcast_codes(qinput, weight), layout.CONTRACT_K, preferred_element_type=jnp.float32)
+    acc = jax.lax.dot_general(*upcast_codes(qinput, weight), layout.CONTRACT_K, preferred_element_type=jnp.float32)
     return apply_scales(acc, scale_a, scale_b, bias, out_dtype)
 
 

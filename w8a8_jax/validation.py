@@ -90,6 +90,24 @@ def check_row_scale(name: str, scale: jax.Array, rows: int, what: str) -> None:
     )
 
 
+def check_group_size(name: str, size) -> int:
+    """A group or block size: an int >= 1."""
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {size!r}")
+    return int(size)
+
+
+def check_block_scale(name: str, scale: jax.Array, rows: int, cols: int, block_size, what: str) -> None:
+    """`scale` must hold one value per `block_size` block of a `(rows, cols)` array:
+    `(ceil(rows / b0), ceil(cols / b1))`."""
+    expected = (-(-rows // block_size[0]), -(-cols // block_size[1]))
+    if tuple(scale.shape) != expected:
+        raise ValueError(
+            f"{name} must be {expected}, one per {block_size[0]}x{block_size[1]} block of {what} ({rows}, {cols}), "
+            f"got shape {tuple(scale.shape)}"
+        )
+
+
 def check_gemm_operands(qinput, weight, scale_a, scale_b, bias, out_dtype):
     """Validates a scaled GEMM's operands; returns `(scale_a, scale_b, bias, out_dtype)` normalized.
 

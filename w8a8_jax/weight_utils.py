@@ -149,3 +149,38 @@ def fuse_fp8_shards(
                 f"channel for its {rows} rows"
             )
     return weight, jnp.concatenate(row_scales, axis=0)
+
+
+def fuse_block_fp8_shards(
+    shards: Sequence[tuple[jax.Array, jax.Array]], block_size: tuple[int, int]
+) -> tuple[jax.Array, jax.Array]:
+    """Stacks block-scaled fp8 shards (Q, K, V or gate, up) into one fused weight, codes and scales
+    unchanged, as vLLM loads them.
+
+    Args:
+      shards: `(weight (N_i, K) fp8, weight_scale (ceil(N_i / bn), ceil(K / bk)))` per shard.
+      block_size: `(bn, bk)`.
+
+    Every shard but the last must span whole blocks (N_i a multiple of bn): a shard ending inside a
+    block would share that block's one scale with the next shard, which its codes do not hold.
+
+    Returns:
+      `(weight (sum N_i, K) fp8, weight_scale (ceil(sum N_i / bn), ceil(K / bk)) float32)`.
+    """
+    bn, bk = block_size
+    if not shards:
+        raise ValueError("shards must hold at least one (weight, weight_scale) pair")
+    widths = [int(w.shape[0]) for w, _ in shards]
+    if any(width % bn for width in widths[:-1]):
+        raise ValueError(
+            f"fused block fp8 shards must be multiples of the weight block's bn={bn} (but the last), got widths "
+            f"{widths}: a shard ending inside a block cannot share its scale; keep them as separate layers"
+        )
+    scales = []
+    for index, (weight, scale) in enumerate(shards):
+        scale = validation.as_scale(f"shard {index} weight_scale", scale)
+        validation.check_block_scale(
+            f"shard {index} weight_scale", scale, weight.shape[0], weight.shape[1], block_size, "its weight"
+        )
+        scales.append(scale)
+    return jnp.concatenate([w for w, _ in shards], axis=0), jnp.concatenate(scales, axis=0)

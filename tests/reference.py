@@ -57,6 +57,59 @@ def quant_dynamic_per_token(x, scale_ub=None, fp8_dtype=ml_dtypes.float8_e4m3fn)
     return fp8_cast(x / scale, fp8_dtype), scale
 
 
+def quant_per_token_group(x, group, fp8_dtype=ml_dtypes.float8_e4m3fn, eps=1e-10, ue8m0=False):
+    """(codes (M, K), scales (M, ceil(K / group))): per row and group, s = max(amax, eps) / max in
+    float32, rounded up to a power of two with `ue8m0`; codes fp8(clamp(x / s))."""
+    x = to_np(x).astype(np.float32)
+    fp8_max = np.float32(FP8_MAX[np.dtype(fp8_dtype)])
+    groups = -(-x.shape[1] // group)
+    codes = np.empty(x.shape, np.dtype(fp8_dtype))
+    scales = np.empty((x.shape[0], groups), np.float32)
+    for g in range(groups):
+        part = x[:, g * group : (g + 1) * group]
+        scale = np.maximum(finite_amax(part, axis=1), np.float32(eps)) / fp8_max
+        if ue8m0:
+            scale = (2.0 ** np.ceil(np.log2(scale.astype(np.float64)))).astype(np.float32)
+        scales[:, g] = scale[:, 0]
+        codes[:, g * group : (g + 1) * group] = fp8_cast(part / scale, fp8_dtype)
+    return codes, scales
+
+
+def quant_block_weight(w, block, fp8_dtype=ml_dtypes.float8_e4m3fn):
+    """(codes (N, K), scales (ceil(N / bn), ceil(K / bk))): per block s = amax / max in float32 (an
+    all-zero block gets 1 / (max * 512)); codes fp8(clamp(w / s))."""
+    w = to_np(w).astype(np.float32)
+    (bn, bk), fp8_max = block, np.float32(FP8_MAX[np.dtype(fp8_dtype)])
+    rows, cols = -(-w.shape[0] // bn), -(-w.shape[1] // bk)
+    codes = np.empty(w.shape, np.dtype(fp8_dtype))
+    scales = np.empty((rows, cols), np.float32)
+    for i in range(rows):
+        for j in range(cols):
+            part = w[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk]
+            scale = np.float32(finite_amax(part)) / fp8_max
+            if scale < np.finfo(np.float32).tiny:
+                scale = np.float32(1.0) / (fp8_max * np.float32(512.0))
+            scales[i, j] = scale
+            codes[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk] = fp8_cast(part / scale, fp8_dtype)
+    return codes, scales
+
+
+def dequantize_blocks(codes, scales, block) -> np.ndarray:
+    """float64 `codes[r, c] * scales[r // b0, c // b1]`."""
+    codes = to_np(codes).astype(np.float64)
+    expanded = np.repeat(np.repeat(np.asarray(scales, np.float64), block[0], 0), block[1], 1)
+    return codes * expanded[: codes.shape[0], : codes.shape[1]]
+
+
+def block_scaled_mm(qinput, weight, scale_a, scale_b, block, bias=None) -> np.ndarray:
+    """float64 `sum_kb scale_a[m, kb] * scale_b[n // bn, kb] * (qinput @ weight.T)_kb + bias`: the
+    scales are constant on each block, so the sum is `dequant(qinput) @ dequant(weight).T`."""
+    out = dequantize_blocks(qinput, scale_a, (1, block[1])) @ dequantize_blocks(weight, scale_b, block).T
+    if bias is not None:
+        out = out + to_np(bias).astype(np.float64)
+    return out
+
+
 def scaled_mm(qinput, weight, scale_a, scale_b, bias=None) -> np.ndarray:
     """float64 `scale_a * scale_b * (qinput @ weight.T) + bias`; scales (1,)/(M,1) and (1,)/(N,1)."""
     acc = to_np(qinput).astype(np.float64) @ to_np(weight).astype(np.float64).T

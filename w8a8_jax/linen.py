@@ -28,15 +28,17 @@ class Fp8Dense(nn.Module):
     >>> layer.apply(variables, x).shape
     (4, 64)
 
-    Parameters (collection "params"): `weight (N, K)` fp8, `weight_scale (1,) | (N, 1)` float32,
+    Parameters (collection "params"): `weight (N, K)` fp8, `weight_scale (1,) | (N, 1) |
+    (ceil(N / bn), ceil(K / bk))` float32 (per tensor, per channel, per block),
     `input_scale (1,)` float32 (static scheme only; 1.0 until calibrated), `bias (N,)`.
     `from_dense` quantizes an existing float kernel instead of a random one.
 
     Args:
       features: N, the number of output features.
       use_bias: whether to add a bias (default True).
-      weight_granularity: "per_channel" (default) or "per_tensor" weight scales.
-      activation_scheme: "dynamic_per_token" (default), "dynamic_per_tensor" or "static".
+      weight_granularity: "per_channel" (default), "per_tensor" or "block" weight scales.
+      activation_scheme: "dynamic_per_token" (default), "dynamic_per_tensor" or "static"; block
+        weights quantize activations per token group ("dynamic_per_token_group").
       scale_ub: upper bound on a token's amax (dynamic per-token only; default None).
       dtype: output dtype; None (default) keeps the input's.
       param_dtype: dtype of the float kernel drawn at init before quantization and of the bias
@@ -45,8 +47,9 @@ class Fp8Dense(nn.Module):
       fp8_dtype: float8_e4m3fn or float8_e4m3fnuz; None (default) is the platform's.
       kernel_init: initializer of the float `(K, N)` kernel that is quantized at init.
       bias_init: initializer of the bias.
-      scheme: an `Fp8Scheme` instead of weight_granularity, activation_scheme, scale_ub, fused
-        and fp8_dtype (a field given as well must agree with it); after construction `scheme`
+      block_size: `(bn, bk)` of block weights (default (128, 128)).
+      scheme: an `Fp8Scheme` instead of weight_granularity, activation_scheme, scale_ub, fused,
+        fp8_dtype and block_size (a field given as well must agree with it); after construction `scheme`
         always holds the layer's scheme and those fields match it.
     """
 
@@ -61,6 +64,7 @@ class Fp8Dense(nn.Module):
     fp8_dtype: Any = None
     kernel_init: Any = default_kernel_init
     bias_init: Any = nn.initializers.zeros_init()
+    block_size: tuple[int, int] | None = None
     scheme: Fp8Scheme | None = None
 
     def __post_init__(self):
@@ -71,6 +75,7 @@ class Fp8Dense(nn.Module):
             scale_ub=self.scale_ub,
             fused=self.fused,
             fp8_dtype=self.fp8_dtype,
+            block_size=self.block_size,
         )
         # Frozen dataclass fields, set once before linen finishes building the module.
         for name, value in {**scheme_lib.scheme_fields(scheme), "scheme": scheme}.items():
@@ -90,7 +95,10 @@ class Fp8Dense(nn.Module):
                 if not quantized:
                     kernel = self.kernel_init(rng, (in_features, self.features), self.param_dtype)
                     quantized["weight"], quantized["weight_scale"] = quantization.quantize_weight(
-                        kernel.T, scheme.weight_granularity, platform_lib.resolve_fp8_dtype(scheme.fp8_dtype)
+                        kernel.T,
+                        scheme.weight_granularity,
+                        platform_lib.resolve_fp8_dtype(scheme.fp8_dtype),
+                        block_size=scheme.block_size,
                     )
                 return quantized[name]
 
@@ -102,7 +110,7 @@ class Fp8Dense(nn.Module):
             self.param("input_scale", nn.initializers.ones_init(), (1,), jnp.float32) if scheme.is_static else None
         )
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        params = Fp8Params.create(weight, weight_scale, input_scale, bias)
+        params = Fp8Params.create(weight, weight_scale, input_scale, bias, block_size=scheme.block_size)
         return dense.fp8_dense(inputs, params, scheme=scheme, out_dtype=self.dtype)
 
     @classmethod
@@ -117,7 +125,7 @@ class Fp8Dense(nn.Module):
         """Quantizes a float `nn.Dense` kernel `(K, N)` (and bias `(N,)`): returns `(module, variables)`.
 
         `config` takes the module's fields (scheme, or weight_granularity, activation_scheme,
-        scale_ub, fused, fp8_dtype; dtype); `input_scale (1,)` is the calibrated scale for the
+        scale_ub, fused, fp8_dtype, block_size; dtype); `input_scale (1,)` is the calibrated scale for the
         static scheme (1.0 if None). `module.apply(variables, x)` then runs the fp8 layer.
         """
         module = cls(kernel.shape[1], use_bias=bias is not None, **config)

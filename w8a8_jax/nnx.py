@@ -29,7 +29,8 @@ class Fp8Dense(nnx.Module):
     >>> layer(jnp.ones((4, 32), jnp.bfloat16)).shape
     (4, 64)
 
-    Parameters (`nnx.Param`): `weight (N, K)` fp8, `weight_scale (1,) | (N, 1)` float32,
+    Parameters (`nnx.Param`): `weight (N, K)` fp8, `weight_scale (1,) | (N, 1) | (ceil(N / bn),
+    ceil(K / bk))` float32 (per tensor, per channel, per block),
     `input_scale (1,)` float32 (static scheme only, else None; 1.0 until calibrated), `bias (N,)`
     (None without bias). `from_dense` quantizes an existing float kernel instead of a random one.
 
@@ -37,8 +38,9 @@ class Fp8Dense(nnx.Module):
       in_features: K, the number of input features.
       out_features: N, the number of output features.
       use_bias: whether to add a bias (default True).
-      weight_granularity: "per_channel" (default) or "per_tensor" weight scales.
-      activation_scheme: "dynamic_per_token" (default), "dynamic_per_tensor" or "static".
+      weight_granularity: "per_channel" (default), "per_tensor" or "block" weight scales.
+      activation_scheme: "dynamic_per_token" (default), "dynamic_per_tensor" or "static"; block
+        weights quantize activations per token group ("dynamic_per_token_group").
       scale_ub: upper bound on a token's amax (dynamic per-token only; default None).
       dtype: output dtype; None (default) keeps the input's.
       param_dtype: dtype of the float kernel drawn at init before quantization and of the bias
@@ -47,8 +49,9 @@ class Fp8Dense(nnx.Module):
       fp8_dtype: float8_e4m3fn or float8_e4m3fnuz; None (default) is the platform's.
       kernel_init: initializer of the float `(K, N)` kernel that is quantized at init.
       bias_init: initializer of the bias.
-      scheme: an `Fp8Scheme` instead of weight_granularity, activation_scheme, scale_ub, fused
-        and fp8_dtype (a keyword given as well must agree with it).
+      block_size: `(bn, bk)` of block weights (default (128, 128)).
+      scheme: an `Fp8Scheme` instead of weight_granularity, activation_scheme, scale_ub, fused,
+        fp8_dtype and block_size (a keyword given as well must agree with it).
       rngs: the random streams (`params` draws the kernel).
     """
 
@@ -67,6 +70,7 @@ class Fp8Dense(nnx.Module):
         fp8_dtype: Any = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = default_bias_init,
+        block_size: tuple[int, int] | None = None,
         scheme: Fp8Scheme | None = None,
         rngs: nnx.Rngs | None = None,
     ):
@@ -77,6 +81,7 @@ class Fp8Dense(nnx.Module):
             scale_ub=scale_ub,
             fused=fused,
             fp8_dtype=fp8_dtype,
+            block_size=block_size,
         )
         if rngs is None:
             raise TypeError("Fp8Dense needs rngs to draw its weight (or build it with Fp8Dense.from_dense)")
@@ -120,6 +125,7 @@ class Fp8Dense(nnx.Module):
         dtype: Any = None,
         fused: bool | None = None,
         fp8_dtype: Any = None,
+        block_size: tuple[int, int] | None = None,
         scheme: Fp8Scheme | None = None,
     ) -> "Fp8Dense":
         """Quantizes a float `nnx.Linear` kernel `(K, N)` (and bias `(N,)`) into an `Fp8Dense`.
@@ -133,6 +139,7 @@ class Fp8Dense(nnx.Module):
             scale_ub=scale_ub,
             fused=fused,
             fp8_dtype=fp8_dtype,
+            block_size=block_size,
         )
         params = Fp8Params.from_float(kernel, bias, scheme=scheme, input_scale=input_scale)
         return cls.from_fp8(params, scheme=scheme, dtype=dtype)
@@ -145,7 +152,7 @@ class Fp8Dense(nnx.Module):
         stack of L layers, as `nnx.vmap` builds it) make a stacked layer to run under `nnx.scan`.
         """
         if not isinstance(params, Fp8Params):
-            params = Fp8Params.from_dict(params)
+            params = Fp8Params.from_dict(params, block_size=scheme.block_size)
         out_features, in_features = params.weight.shape[-2:]
         # Build the module abstractly (no random draw, no quantization), then put the arrays in.
         layer = nnx.eval_shape(

@@ -274,9 +274,7 @@ def quantize_weight(
         return quantize_dynamic_per_tensor(weight, fp8_dtype)
     if weight_granularity == "block":
         return quantize_block_weight(weight, scheme_lib.check_block_size(block_size), fp8_dtype)
-    raise ValueError(
-        f"weight_granularity must be 'per_tensor', 'per_channel' or 'block', got {weight_granularity!r}"
-    )
+    raise ValueError(f"weight_granularity must be 'per_tensor', 'per_channel' or 'block', got {weight_granularity!r}")
 
 
 def scaled_fp8_quant(
@@ -368,7 +366,5 @@ def per_token_group_quant_fp8(
     del column_major_scales
     fp8_dtype = platform.resolve_fp8_dtype(fp8_dtype)
     lead, k = input.shape[:-1], input.shape[-1]
-    q, scale = quantize_per_token_group(
-        input.reshape(-1, k), group_size, fp8_dtype, eps=eps, use_ue8m0=bool(use_ue8m0)
-    )
+    q, scale = quantize_per_token_group(input.reshape(-1, k), group_size, fp8_dtype, eps=eps, use_ue8m0=bool(use_ue8m0))
     return q.reshape(*lead, k), scale.reshape(*lead, scale.shape[-1])

@@ -8,8 +8,15 @@ reduced with `pmax` across devices before quantizing (otherwise each shard would
 scale), the float32 partial products are summed with `psum`, and scales and bias are applied once.
 Codes and scales then equal the single-device layer's exactly; outputs differ only by float32
 summation order.
+
+Block-scaled layers split on block boundaries: column-parallel gives each device whole row blocks
+of the weight (N / P a multiple of bn) with their scale rows; row-parallel whole k-blocks (K / P a
+multiple of bk) with their scale columns, so every activation group lies in one shard and is
+quantized there exactly as on one device (no `pmax`); the shards' float32 block sums are added with
+`psum`, then bias and one rounding. A split that cuts a block is an error naming the sizes.
 """
 
+import dataclasses
 import functools
 from typing import Literal
 
@@ -31,23 +38,29 @@ def _params_and_scheme(layer, scheme: Fp8Scheme | None) -> tuple[Fp8Params, Fp8S
         return layer.params, scheme or layer.scheme
     if scheme is None:
         raise ValueError("fp8 parameters need their scheme (an Fp8Scheme)")
-    return (layer if isinstance(layer, Fp8Params) else Fp8Params.from_dict(layer)), scheme
+    return (layer if isinstance(layer, Fp8Params) else Fp8Params.from_dict(layer, block_size=scheme.block_size)), scheme
 
 
-def param_specs(params: Fp8Params, axis_name: str, mode: Mode) -> Fp8Params:
+def param_specs(params: Fp8Params, axis_name: str, mode: Mode, *, block_size=None) -> Fp8Params:
     """PartitionSpecs of an `Fp8Dense`'s parameters (an `Fp8Params` of specs): scales sharded with
     the axis they belong to.
 
     "column": `weight` and a per-channel `weight_scale` (`(N, 1)`) split on N, `bias` on N. "row":
-    `weight` split on K; scales and bias (all per output channel or per tensor) replicated.
+    `weight` split on K; scales and bias (all per output channel or per tensor) replicated. With
+    `block_size` (block weights) the block scale `(NB, KB)` splits with its weight: on NB
+    ("column") or KB ("row").
     """
     if mode not in ("column", "row"):
         raise ValueError(f"mode must be 'column' or 'row', got {mode!r}")
     column = mode == "column"
     per_channel = not validation.is_per_tensor(params.weight_scale)
+    if block_size is not None:
+        scale_spec = PartitionSpec(axis_name, None) if column else PartitionSpec(None, axis_name)
+    else:
+        scale_spec = PartitionSpec(axis_name, None) if column and per_channel else PartitionSpec()
     return Fp8Params(
         weight=PartitionSpec(axis_name, None) if column else PartitionSpec(None, axis_name),
-        weight_scale=PartitionSpec(axis_name, None) if column and per_channel else PartitionSpec(),
+        weight_scale=scale_spec,
         input_scale=None if params.input_scale is None else PartitionSpec(),
         bias=None if params.bias is None else PartitionSpec(axis_name) if column else PartitionSpec(),
     )
@@ -55,9 +68,27 @@ def param_specs(params: Fp8Params, axis_name: str, mode: Mode) -> Fp8Params:
 
 def shard_params(layer, mesh: Mesh, axis_name: str, mode: Mode, *, scheme: Fp8Scheme | None = None) -> Fp8Params:
     """Places an `Fp8Dense`'s parameters (an nnx `Fp8Dense`, `Fp8Params` or a dict) on `mesh` per `param_specs`."""
-    params, _ = _params_and_scheme(layer, scheme or Fp8Scheme())
-    specs = param_specs(params, axis_name, mode)
+    if scheme is None and not isinstance(layer, fp8_nnx.Fp8Dense):
+        scheme = Fp8Scheme()  # the specs of per-tensor and per-channel scales need no more
+    params, scheme = _params_and_scheme(layer, scheme)
+    _check_block_split(params, scheme, mesh, axis_name, mode)
+    specs = param_specs(params, axis_name, mode, block_size=scheme.block_size)
     return jax.tree.map(lambda value, spec: jax.device_put(value, NamedSharding(mesh, spec)), params, specs)
+
+
+def _check_block_split(params: Fp8Params, scheme: Fp8Scheme, mesh: Mesh, axis_name: str, mode: Mode) -> None:
+    """A block layer's split must fall on block boundaries: N / P a multiple of bn ("column"),
+    K / P a multiple of bk ("row")."""
+    if not scheme.is_block:
+        return
+    devices = mesh.shape[axis_name]
+    (n, k), (bn, bk) = params.weight.shape[-2:], scheme.block_size
+    size, block, dim = (n, bn, "N") if mode == "column" else (k, bk, "K")
+    if size % devices or (size // devices) % block:
+        raise ValueError(
+            f"{mode}-parallel block fp8: {dim}={size} over {devices} devices of '{axis_name}' gives shards of "
+            f"{size / devices:g}, which must be a multiple of the weight block's {'bn' if dim == 'N' else 'bk'}={block}"
+        )
 
 
 def column_parallel(
@@ -68,7 +99,8 @@ def column_parallel(
     `layer` is an nnx `Fp8Dense`, or `Fp8Params` with its `scheme`. N must divide by the axis size.
     """
     params, scheme = _params_and_scheme(layer, scheme)
-    specs = param_specs(params, axis_name, "column")
+    _check_block_split(params, scheme, mesh, axis_name, "column")
+    specs = param_specs(params, axis_name, "column", block_size=scheme.block_size)
     lead = (None,) * (inputs.ndim - 1)
 
     def local(x, shard):
@@ -103,10 +135,19 @@ def row_parallel(
     """
     params, scheme = _params_and_scheme(layer, scheme)
     validation.check_float_input("inputs", inputs)
-    specs = param_specs(params, axis_name, "row")
+    _check_block_split(params, scheme, mesh, axis_name, "row")
+    specs = param_specs(params, axis_name, "row", block_size=scheme.block_size)
     lead = (None,) * (inputs.ndim - 1)
     n = params.weight.shape[0]
     out_dtype = validation.check_out_dtype(inputs.dtype if out_dtype is None else out_dtype)
+
+    def local_block(x, shard: Fp8Params):
+        # Whole groups in this shard: the layer's own quantization; its float32 block sums, summed.
+        partial = dense.fp8_dense(x, dataclasses.replace(shard, bias=None), scheme=scheme, out_dtype=jnp.float32)
+        out = jax.lax.psum(partial, axis_name)
+        if shard.bias is not None:
+            out = out + shard.bias.astype(jnp.float32)
+        return out.astype(out_dtype)
 
     def local(x, shard: Fp8Params):
         x2 = x.reshape(-1, x.shape[-1])
@@ -122,5 +163,9 @@ def row_parallel(
     # every device, but they also pass through this shard's columns: the replication checker
     # cannot see that, hence check_vma=False.
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(PartitionSpec(*lead, axis_name), specs), out_specs=PartitionSpec(), check_vma=False
+        local_block if scheme.is_block else local,
+        mesh=mesh,
+        in_specs=(PartitionSpec(*lead, axis_name), specs),
+        out_specs=PartitionSpec(),
+        check_vma=False,
     )(inputs, params)

@@ -54,7 +54,10 @@ class LinenFp8Model:
         params = module.variables["params"]
         inputs = _dense_inputs(args, kwargs)
         return dense.fp8_dense(
-            inputs, Fp8Params.from_dict(params), scheme=scheme, out_dtype=_dense_out_dtype(module, inputs)
+            inputs,
+            Fp8Params.from_dict(params, block_size=scheme.block_size),
+            scheme=scheme,
+            out_dtype=_dense_out_dtype(module, inputs),
         )
 
     def apply(self, variables, *args, **kwargs):

@@ -19,15 +19,20 @@ class QuantizationRule:
 
     Args:
       module_path: regex that must match the whole "/"-joined path (default ".*", every layer).
-      weight_granularity: "per_channel" (default) or "per_tensor".
+      weight_granularity: "per_channel" (default), "per_tensor" or "block".
+      weights: the same by the command line's short name ("channel", "tensor", "block"); None
+        defers to weight_granularity.
+      block_size: `(bn, bk)` of block weights (default (128, 128)).
       activation_scheme: "dynamic_per_token" (default), "dynamic_per_tensor" or "static".
       scale_ub: upper bound on a token's amax (dynamic per-token only).
       fused: allow the fused Pallas kernel; None detects it.
       shard_widths: for a fused projection, the output widths of its shards (QKV: `(q, k, v)`);
-        each shard gets its own scale and they are fused as vLLM does (see `weight_utils.fuse_fp8_shards`).
+        each shard gets its own scale and they are fused as vLLM does (see `weight_utils.fuse_fp8_shards`);
+        block weights are quantized block by block over the fused kernel.
       quantize: False keeps matched layers float (e.g. an `lm_head` rule before a catch-all).
-      scheme: an `Fp8Scheme` instead of weight_granularity, activation_scheme, scale_ub and fused
-        (a field given as well must agree); after construction it always holds the rule's scheme.
+      scheme: an `Fp8Scheme` instead of weight_granularity, activation_scheme, scale_ub, fused
+        and block_size (a field given as well must agree); after construction it always holds the
+        rule's scheme.
     """
 
     module_path: str = ".*"
@@ -37,19 +42,33 @@ class QuantizationRule:
     fused: bool | None = None
     shard_widths: tuple[int, ...] | None = None
     quantize: bool = True
+    weights: str | None = None
+    block_size: tuple[int, int] | None = None
     scheme: Fp8Scheme | None = None
 
     def __post_init__(self):
+        granularity = self.weight_granularity
+        if self.weights is not None:
+            if self.weights not in scheme_lib.WEIGHT_NAMES:
+                raise ValueError(f"weights must be one of {tuple(scheme_lib.WEIGHT_NAMES)}, got {self.weights!r}")
+            named = scheme_lib.WEIGHT_NAMES[self.weights]
+            if granularity not in ("per_channel", named):  # per_channel: the field's default
+                raise ValueError(f"weights={self.weights!r} contradicts weight_granularity={granularity!r}")
+            granularity = named
         scheme = scheme_lib.merge(
             self.scheme,
-            weight_granularity=self.weight_granularity,
+            weight_granularity=granularity,
             activation_scheme=self.activation_scheme,
             scale_ub=self.scale_ub,
             fused=self.fused,
+            block_size=self.block_size,
         )
-        for name in ("weight_granularity", "activation_scheme", "scale_ub", "fused"):
+        for name in ("weight_granularity", "activation_scheme", "scale_ub", "fused", "block_size"):
             object.__setattr__(self, name, getattr(scheme, name))
         object.__setattr__(self, "scheme", scheme)
+        object.__setattr__(
+            self, "weights", {v: k for k, v in scheme_lib.WEIGHT_NAMES.items()}[scheme.weight_granularity]
+        )
 
 
 def find_rule(rules: Sequence[QuantizationRule], path: str) -> QuantizationRule | None:

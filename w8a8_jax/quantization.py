@@ -167,15 +167,17 @@ def quantize_per_token_group(
     """
     m, k = x.shape
     groups = num_groups(k, group_size)
-    x = _pad_last(x.astype(jnp.float32), group_size).reshape(m, groups, group_size)  # zeros leave an amax
-    amax = finite_amax(x, axis=2)[..., 0]
+    x = x.astype(jnp.float32)
+    if groups > 1:  # one group stays 2-D: (M, K) rows, the layout a kernel's tile has
+        x = _pad_last(x, group_size).reshape(m, groups, group_size)  # zeros leave an amax
+    amax = finite_amax(x, axis=x.ndim - 1)  # (M, G, 1) or (M, 1)
     if reduce_amax is not None:
         amax = reduce_amax(amax)
     scale = true_divide(jnp.maximum(amax, jnp.float32(eps)), jnp.float32(dtypes.fp8_max(fp8_dtype)))
     if use_ue8m0:
         scale = round_up_to_power_of_two(scale)
-    codes = _to_fp8(true_divide(x, scale[..., None]), fp8_dtype).reshape(m, groups * group_size)
-    return codes[:, :k], scale
+    codes = _to_fp8(true_divide(x, scale), fp8_dtype).reshape(m, -1)
+    return codes[:, :k], scale.reshape(m, groups)
 
 
 def expand_block_scale(scale: jax.Array, block_size: tuple[int, int], shape: tuple[int, int]) -> jax.Array:

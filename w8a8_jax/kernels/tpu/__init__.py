@@ -1,12 +1,14 @@
-"""Pallas TPU kernels: the rowwise-scaled fp8 GEMM and the fused per-token quant, registered on import.
+"""Pallas TPU kernels: the rowwise-scaled and block-scaled fp8 GEMMs (each optionally quantizing its
+float input in-kernel) and the fused per-token quant, registered on import.
 
 What runs where (generation from `jax.Device.device_kind`, see `hardware`):
   v7 (TPU7x):          fp8 (e4m3fn) operands go to the MXU as they are.
   v5e, v6e, v5p, v4:   fp8 moves from HBM (half of bf16's bytes) and each tile is upcast to bfloat16
                        in VMEM (exact) before the MXU; e4m3fnuz takes this path on every generation.
   other TPUs:          not supported; `supports_device` is False and the XLA paths run.
-Everywhere: float32 accumulation in VMEM, scales and bias in the last-k epilogue, one rounding.
-These kernels were verified in TPU interpret mode on CPU only; see docs/tpu.md.
+Everywhere: float32 accumulation in VMEM, bias in the last-k epilogue, one rounding; the rowwise
+GEMM applies its scales in the epilogue, the block GEMM each k-block's scales at its k-step
+(`block_scaled_mm`). These kernels were verified in TPU interpret mode on CPU only; see docs/tpu.md.
 """
 
 import functools
@@ -15,16 +17,26 @@ from jax.experimental.pallas import tpu as pltpu
 
 from w8a8_jax import platform
 from w8a8_jax.kernels.tpu import hardware
+from w8a8_jax.kernels.tpu.block_scaled_mm import (
+    block_scaled_mm_supports,
+    fused_quant_block_scaled_mm,
+    quant_block_scaled_mm_supports,
+    w8a8_block_scaled_mm,
+)
 from w8a8_jax.kernels.tpu.quant import per_token_quant
 from w8a8_jax.kernels.tpu.scaled_mm import fused_quant_scaled_mm, per_token_fits, w8a8_scaled_mm
 from w8a8_jax.kernels.tpu.tuned_block_sizes import BlockSizes
 
 __all__ = [
     "BlockSizes",
+    "block_scaled_mm_supports",
+    "fused_quant_block_scaled_mm",
     "fused_quant_scaled_mm",
     "make_fused_kernel",
     "per_token_quant",
+    "quant_block_scaled_mm_supports",
     "supports_device",
+    "w8a8_block_scaled_mm",
     "w8a8_scaled_mm",
 ]
 
@@ -50,6 +62,12 @@ def make_fused_kernel(
         per_token_quant=functools.partial(per_token_quant, generation=generation, interpret=interpret),
         quant_scaled_mm=functools.partial(fused_quant_scaled_mm, generation=generation, interpret=interpret),
         quant_scaled_mm_supports=functools.partial(_quant_scaled_mm_supports, generation=generation),
+        block_scaled_mm=functools.partial(w8a8_block_scaled_mm, generation=generation, interpret=interpret),
+        block_scaled_mm_supports=functools.partial(block_scaled_mm_supports, generation=generation),
+        quant_block_scaled_mm=functools.partial(
+            fused_quant_block_scaled_mm, generation=generation, interpret=interpret
+        ),
+        quant_block_scaled_mm_supports=functools.partial(quant_block_scaled_mm_supports, generation=generation),
     )
 
 

@@ -1,7 +1,7 @@
 """TPU generations: which one a device is, its VMEM, and the dtype its MXU takes for fp8 operands.
 
-The facts per generation (VMEM per TensorCore, fp8 MXU support) are those JAX records in its
-`TpuInfo` table; none was measured here.
+The facts per generation (VMEM and SMEM per TensorCore, fp8 MXU support) are those JAX records
+in its `TpuInfo` table; none was measured here.
 """
 
 import dataclasses
@@ -23,19 +23,22 @@ class Generation:
       fp8_mxu: whether the MXU multiplies float8_e4m3fn operands itself. Where it does not, the
         kernels move fp8 from HBM (half the bytes of bf16) and upcast each tile to bfloat16 in VMEM;
         the upcast is exact (every e4m3 value is a bfloat16 value).
+      smem_bytes: scalar memory (SMEM) of one TensorCore; scalar operands (e.g. the block GEMM's
+        weight scales) must fit in it.
     """
 
     name: str
     vmem_bytes: int
     fp8_mxu: bool
+    smem_bytes: int
 
 
 GENERATIONS = {
-    "v4": Generation("v4", vmem_bytes=16 * MiB, fp8_mxu=False),
-    "v5e": Generation("v5e", vmem_bytes=128 * MiB, fp8_mxu=False),
-    "v5p": Generation("v5p", vmem_bytes=64 * MiB, fp8_mxu=False),
-    "v6e": Generation("v6e", vmem_bytes=128 * MiB, fp8_mxu=False),
-    "v7": Generation("v7", vmem_bytes=64 * MiB, fp8_mxu=True),
+    "v4": Generation("v4", vmem_bytes=16 * MiB, fp8_mxu=False, smem_bytes=1 * MiB),
+    "v5e": Generation("v5e", vmem_bytes=128 * MiB, fp8_mxu=False, smem_bytes=1 * MiB),
+    "v5p": Generation("v5p", vmem_bytes=64 * MiB, fp8_mxu=False, smem_bytes=1 * MiB),
+    "v6e": Generation("v6e", vmem_bytes=128 * MiB, fp8_mxu=False, smem_bytes=1 * MiB),
+    "v7": Generation("v7", vmem_bytes=64 * MiB, fp8_mxu=True, smem_bytes=1 * MiB),
 }
 
 # `jax.Device.device_kind` strings of the generations above.

@@ -11,7 +11,8 @@ The quant kernel reads whole rows (block last dim = K, the full dim) and needs o
 The table holds starting points chosen from the VMEM arithmetic below for common LLM projection
 shapes; no entry was timed on a chip. A shape not in the table gets `default_block_sizes`: the
 largest tiles up to a per-generation cap that divide the 128-padded N and K (so padding adds no
-work), halved until the VMEM estimate fits the budget.
+work), halved until the VMEM estimate fits the budget. The block-scaled GEMM's tiles follow a rule
+tied to its weight blocks instead (`default_block_gemm_sizes`, at the end of this module).
 """
 
 import dataclasses
@@ -181,6 +182,115 @@ def fit_vmem(
             blocks = dataclasses.replace(blocks, tile_k=_largest_dividing_tile(k_pad, blocks.tile_k // 2, LANES))
         elif blocks.tile_n > LANES:
             blocks = dataclasses.replace(blocks, tile_n=_largest_dividing_tile(n_pad, blocks.tile_n // 2, LANES))
+        elif blocks.tile_m > SUBLANES_8BIT:
+            blocks = dataclasses.replace(blocks, tile_m=max(SUBLANES_8BIT, blocks.tile_m // 2 // 32 * 32))
+        else:
+            break
+    return blocks
+
+
+# --- the block-scaled GEMM -------------------------------------------------------------------------
+#
+# Each k-step applies one k-block's scales and each n-tile one weight block row's, so besides the
+# tiling rules above: tile_k divides bk (tile_k == bk when the activation is quantized in-kernel: the
+# group's amax needs the whole group) and tile_n divides bn. With both multiples of 128, bn and bk
+# must be too. No shape was timed on a chip, so there is no table: `default_block_gemm_sizes` is
+# a rule.
+
+# Part of a TensorCore's SMEM the block GEMM's weight scales may take; Mosaic keeps its own scalars
+# (grid indices, DMA semaphores) in the rest.
+SMEM_BUDGET_FRACTION = 0.5
+
+
+def check_block_tiling(blocks: BlockSizes, block_size: tuple[int, int], *, quantize_in_kernel: bool) -> None:
+    """Raises ValueError naming the first block size that breaks the block GEMM's rules (the TPU
+    tiling rules, then tile_k | bk, or tile_k == bk when quantizing in-kernel, and tile_n | bn)."""
+    check_tiling(blocks)
+    bn, bk = block_size
+    if quantize_in_kernel and blocks.tile_k != bk:
+        raise ValueError(
+            f"tile_k={blocks.tile_k} must equal the block's bk={bk} to quantize per token group in-kernel "
+            "(a group's scale needs its whole group in one k-step)"
+        )
+    if bk % blocks.tile_k:
+        raise ValueError(
+            f"tile_k={blocks.tile_k} must divide the block's bk={bk} (each k-step must lie in one k-block, "
+            "whose scales it applies)"
+        )
+    if bn % blocks.tile_n:
+        raise ValueError(
+            f"tile_n={blocks.tile_n} must divide the block's bn={bn} (each n-tile must lie in one weight block row)"
+        )
+
+
+def check_block_size_tileable(block_size: tuple[int, int]) -> None:
+    """Raises ValueError unless bn and bk are multiples of 128, the only blocks a tile can divide."""
+    bn, bk = block_size
+    if bn % LANES or bk % LANES:
+        raise ValueError(
+            f"block_size (bn, bk) = {(bn, bk)}: the TPU block GEMM needs bn and bk multiples of {LANES} "
+            f"(tile_n must divide bn and tile_k divide bk, each a multiple of {LANES})"
+        )
+
+
+def block_gemm_vmem_bytes(
+    blocks: BlockSizes, *, x_dtype, mxu_dtype, out_dtype, quantize_in_kernel: bool, cached_k_steps: int = 0
+) -> int:
+    """Estimated VMEM of one block GEMM program: the rowwise GEMM's (each k-step's `(tile_m, 1)`
+    activation scales counted as its per-row scales), plus, where the quantized row block is cached
+    across N blocks, `cached_k_steps` code tiles in the MXU dtype and `(tile_m, 1)` float32 scale
+    columns (128 lanes each)."""
+    total = gemm_vmem_bytes(
+        blocks,
+        x_dtype=x_dtype,
+        mxu_dtype=mxu_dtype,
+        out_dtype=out_dtype,
+        quantize_in_kernel=quantize_in_kernel,
+        row_scales=True,
+    )
+    tm, tk = blocks.tile_m, blocks.tile_k
+    return total + cached_k_steps * tm * (tk * _itemsize(mxu_dtype) + LANES * 4)
+
+
+def block_scales_smem_bytes(n: int, k: int, block_size: tuple[int, int]) -> int:
+    """SMEM of the weight scales `(ceil(N / bn), ceil(K / bk))` float32, held whole by the kernel."""
+    bn, bk = block_size
+    return -(-n // bn) * -(-k // bk) * 4
+
+
+def smem_budget(gen: hardware.Generation) -> int:
+    return int(gen.smem_bytes * SMEM_BUDGET_FRACTION)
+
+
+def default_block_gemm_sizes(
+    gen: hardware.Generation, m: int, n: int, block_size: tuple[int, int], *, quantize_in_kernel: bool
+) -> BlockSizes:
+    """The block GEMM's tile rule: tile_k = bk when quantizing in-kernel, else the largest multiple
+    of 128 up to the generation's k cap that divides bk (bk = 128: 128); tile_n the largest multiple
+    of 128 up to the generation's n cap and the 128-padded N that divides bn (bn = 128: 128); tile_m
+    as `default_block_sizes` (`fit_block_vmem` then shrinks them to the VMEM budget). Raises
+    ValueError where bn or bk is not a multiple of 128."""
+    check_block_size_tileable(block_size)
+    (bn, bk), (cap_m, cap_n, cap_k) = block_size, _DEFAULT_CAPS[gen.name]
+    return BlockSizes(
+        tile_m=min(cap_m, layout.round_up(m, SUBLANES_8BIT)),
+        tile_n=_largest_dividing_tile(bn, min(cap_n, layout.round_up(n, LANES)), LANES),
+        tile_k=bk if quantize_in_kernel else _largest_dividing_tile(bk, cap_k, LANES),
+    )
+
+
+def fit_block_vmem(
+    blocks: BlockSizes, gen: hardware.Generation, block_size: tuple[int, int], *, quantize_in_kernel: bool, **vmem_args
+) -> BlockSizes:
+    """Halves tile_k (not when quantizing in-kernel), then tile_n, then tile_m, each still dividing
+    bk, bn (a multiple of 32 for tile_m), until `block_gemm_vmem_bytes` fits the budget; returns
+    `blocks` unchanged if it fits."""
+    bn, bk = block_size
+    while block_gemm_vmem_bytes(blocks, quantize_in_kernel=quantize_in_kernel, **vmem_args) > vmem_budget(gen):
+        if not quantize_in_kernel and blocks.tile_k > LANES:
+            blocks = dataclasses.replace(blocks, tile_k=_largest_dividing_tile(bk, blocks.tile_k // 2, LANES))
+        elif blocks.tile_n > LANES:
+            blocks = dataclasses.replace(blocks, tile_n=_largest_dividing_tile(bn, blocks.tile_n // 2, LANES))
         elif blocks.tile_m > SUBLANES_8BIT:
             blocks = dataclasses.replace(blocks, tile_m=max(SUBLANES_8BIT, blocks.tile_m // 2 // 32 * 32))
         else:

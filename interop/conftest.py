@@ -47,6 +47,14 @@ class FloatModel:
     layer_outputs: dict[str, torch.Tensor]
 
 
+@dataclasses.dataclass(frozen=True)
+class OursRun:
+    """Our layers' results (see `Artifacts.ours_run`), float32."""
+
+    output: torch.Tensor
+    layer_outputs: dict[str, torch.Tensor]
+
+
 class Artifacts:
     """The session's models, checkpoints and dumps, built on first use."""
 
@@ -77,12 +85,24 @@ class Artifacts:
         return path
 
     @_once
-    def our_checkpoint(self, name: str, weights: str, activations: str) -> Path:
-        """The float model quantized by our command line."""
-        output = self._dir("ours", f"{name}-{weights}-{activations}")
+    def our_checkpoint(self, name: str, weights: str, activations: str, form: str | None = None) -> Path:
+        """The float model quantized by our command line (in `form`, default the compressed-tensors one)."""
+        output = self._dir("ours", f"{name}-{weights}-{activations}" + ("" if form is None else f"-{form}"))
         calibrate = self.calibration(name) if activations == "static" else None
-        ours.quantize(self.python, self.float_model(name).directory, output, weights, activations, calibrate)
+        ours.quantize(self.python, self.float_model(name).directory, output, weights, activations, calibrate, form)
         return output
+
+    @_once
+    def ours_run(self, checkpoint: Path, name: str) -> "OursRun":
+        """What our fp8 layers (w8a8_jax, in a worker) compute: the float model's output on the eval ids
+        with every fp8 layer of `checkpoint` computed by ours, and each of them on the float model's
+        inputs to it."""
+        float_model = self.float_model(name)
+        layers = self.dump(checkpoint).layers
+        with ours.OurLayers(self.python, checkpoint) as our_layers:
+            output = torch_side.output_with_layers(float_model.model, float_model.ids, our_layers, layers)
+            layer_outputs = {prefix: our_layers(prefix, float_model.layer_inputs[prefix]) for prefix in layers}
+        return OursRun(output, layer_outputs)
 
     @_once
     def dump(self, checkpoint: Path) -> ours.Dump:

@@ -1,9 +1,12 @@
 """llm-compressor's FP8 checkpoints read by `w8a8_jax.checkpoint`.
 
 Each case is a tiny Llama quantized by `oneshot` with `QuantizationModifier(targets="Linear",
-scheme=..., ignore=["lm_head"])` and saved compressed; llm-compressor writes the scales in the
-model's dtype. What we read (jax_side.py's dump) is compared with the raw safetensors (torch) and
-with compressed-tensors' own decompression (transformers with `dequantize=True`).
+scheme=..., ignore=["lm_head"])` (`torch_side.llmcompressor_recipe`) and saved compressed;
+llm-compressor writes the scales in the model's dtype. What we read (jax_side.py's dump) is
+compared with the raw safetensors (torch) and with compressed-tensors' own decompression
+(transformers with `dequantize=True`). The block cases: the FP8_BLOCK preset (128x128 blocks, one
+partial block per layer of these 32..128-wide models) in bf16, and 48x32 blocks, partial ones
+included (64 = 48 + 16 rows), in float32.
 """
 
 import pytest
@@ -13,9 +16,15 @@ from safetensors.torch import load_file
 from interop import ours, torch_side
 from interop.torch_side import bit_mismatch, fail_on
 
-# scheme -> (our weight granularity, our activation scheme)
-SCHEMES = {"FP8_DYNAMIC": ("per_channel", "dynamic_per_token"), "FP8": ("per_tensor", "static")}
-CASES = [(model, scheme) for model in ("llama", "llama-bf16") for scheme in SCHEMES]
+# scheme -> (our weight granularity, our activation scheme, our block size)
+SCHEMES = {
+    "FP8_DYNAMIC": ("per_channel", "dynamic_per_token", None),
+    "FP8": ("per_tensor", "static", None),
+    "FP8_BLOCK": ("block", "dynamic_per_token_group", [128, 128]),
+    "FP8_BLOCK_48x32": ("block", "dynamic_per_token_group", [48, 32]),
+}
+CASES = [(model, scheme) for model in ("llama", "llama-bf16") for scheme in ("FP8_DYNAMIC", "FP8")]
+CASES += [("llama-bf16", "FP8_BLOCK"), ("llama", "FP8_BLOCK_48x32")]
 cases = pytest.mark.parametrize("model,scheme", CASES, ids=[f"{m}-{s}" for m, s in CASES])
 
 
@@ -31,11 +40,12 @@ def raw(artifacts, model, scheme) -> dict[str, torch.Tensor]:
 def test_we_read_the_scheme_and_layers(artifacts, model, scheme):
     """Our config is llm-compressor's scheme; our fp8 layers are the Linears it quantized (all but lm_head)."""
     dump = artifacts.dump(checkpoint(artifacts, model, scheme))
-    granularity, activations = SCHEMES[scheme]
+    granularity, activations, block_size = SCHEMES[scheme]
     assert dump.config == {
         "form": "compressed-tensors",
         "weight_granularity": granularity,
         "activation_scheme": activations,
+        "block_size": block_size,
         "ignore": ["lm_head"],
     }
     tensors = raw(artifacts, model, scheme)
@@ -72,8 +82,9 @@ def test_codes_and_scales_upcast_exactly(artifacts, model, scheme):
 
 @cases
 def test_dequantized_weights_bit_equal(artifacts, model, scheme):
-    """Our dequantized weights (float32) are `codes.float() * scale.float()` of the file, bit for bit, and
-    rounded to the model's dtype they are what compressed-tensors decompresses."""
+    """Our dequantized weights (float32) are `codes.float() * scale.float()` of the file (each code by
+    its block's scale for block weights), bit for bit, and rounded to the model's dtype they are what
+    compressed-tensors decompresses."""
     directory = checkpoint(artifacts, model, scheme)
     dump, tensors = artifacts.dump(directory), raw(artifacts, model, scheme)
     spec = artifacts.float_model(model).spec
@@ -82,7 +93,11 @@ def test_dequantized_weights_bit_equal(artifacts, model, scheme):
     modules = dict(decompressed.named_modules())
     mismatches = []
     for prefix in dump.layers:
-        exact = tensors[f"{prefix}.weight"].float() * tensors[f"{prefix}.weight_scale"].float()
+        codes, scale = tensors[f"{prefix}.weight"].float(), tensors[f"{prefix}.weight_scale"].float()
+        block_size = SCHEMES[scheme][2]
+        if block_size is not None:
+            scale = torch_side.expand_block_scale(scale, tuple(codes.shape), tuple(block_size))
+        exact = codes * scale
         theirs = modules[prefix].weight.detach()
         for what, mine, expected in (
             ("vs the file's codes * scale in float32", dump.get(prefix, "weight"), exact),

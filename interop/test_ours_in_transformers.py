@@ -38,6 +38,9 @@ CASES = [
     Case("llama-bf16", "tensor", "static"),
     Case("llama-bf16", "channel", "dynamic-token", torch.float32),
     Case("bert-mlm", "channel", "dynamic-token"),
+    # Block weights (compressed-tensors' block strategy, `ours.BLOCK_SIZE` blocks) with activations
+    # quantized per token group; test_block_fp8_in_transformers.py has the fp8 form and ours.
+    Case("llama", "block", "dynamic-group"),
 ]
 cases = pytest.mark.parametrize("case", CASES, ids=str)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from loguru import logger as loguru_logger
-from transformers import CompressedTensorsConfig, PreTrainedTokenizerFast
+from transformers import CompressedTensorsConfig, FineGrainedFP8Config, PreTrainedTokenizerFast
 
 from interop import models
 
@@ -43,16 +43,59 @@ def captured_warnings():
         loguru_logger.remove(sink)
 
 
-def load(spec: models.ModelSpec, directory: Path, dtype: torch.dtype | None = None, dequantize: bool = False):
-    """`(model, loading_info, warnings)` from `from_pretrained` of a quantized checkpoint."""
+def load(
+    spec: models.ModelSpec,
+    directory: Path,
+    dtype: torch.dtype | None = None,
+    dequantize: bool = False,
+    form: str = "compressed-tensors",
+):
+    """`(model, loading_info, warnings)` from `from_pretrained` of a quantized checkpoint; with
+    `dequantize`, asking the loader of its `form` ("compressed-tensors" or "fp8", transformers'
+    FineGrainedFP8) to decompress every weight to float while loading."""
     kwargs = {"output_loading_info": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if dequantize:
-        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+        config = CompressedTensorsConfig if form == "compressed-tensors" else FineGrainedFP8Config
+        kwargs["quantization_config"] = config(dequantize=True)
     with captured_warnings() as records:
         model, info = spec.auto_class.from_pretrained(directory, **kwargs)
     return model.eval(), info, records
+
+
+@contextlib.contextmanager
+def fp8_linear_modules_on_cpu():
+    """Lets transformers load a FineGrainedFP8 checkpoint into its `FP8Linear` modules on CPU.
+
+    Without a GPU its quantizer's environment check switches to dequantizing every weight while
+    loading; skipped, the model gets the modules, parameters and keys a GPU user gets. Their
+    forward pass needs the CUDA kernel and cannot run here.
+    """
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    check = FineGrainedFP8HfQuantizer.validate_environment
+    FineGrainedFP8HfQuantizer.validate_environment = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        FineGrainedFP8HfQuantizer.validate_environment = check
+
+
+@torch.no_grad()
+def output_with_layers(model: torch.nn.Module, ids: torch.Tensor, layer, prefixes) -> torch.Tensor:
+    """`models.output(model, ids)` with the output of each module in `prefixes` replaced by
+    `layer(prefix, its input)` (a forward hook: the module's own result is discarded)."""
+
+    def hook(prefix):
+        return lambda module, args, result: layer(prefix, args[0]).to(result.dtype)
+
+    handles = [model.get_submodule(prefix).register_forward_hook(hook(prefix)) for prefix in prefixes]
+    try:
+        return models.output(model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclasses.dataclass
@@ -124,15 +167,40 @@ def word_level_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def llmcompressor_quantize(spec: models.ModelSpec, float_dir: Path, scheme: str, output: Path) -> None:
-    """llm-compressor's `oneshot` with `scheme` (FP8_DYNAMIC, or FP8: static, calibrated on random token
-    ids) on every Linear but lm_head, saved compressed to `output`."""
-    from datasets import Dataset
-    from llmcompressor import oneshot
+def llmcompressor_recipe(scheme: str):
+    """llm-compressor's `QuantizationModifier` for every Linear but lm_head: a preset `scheme`
+    (FP8_DYNAMIC, FP8, FP8_BLOCK), or `FP8_BLOCK_{R}x{C}`, FP8_BLOCK with R x C weight blocks and
+    activation groups of C (the preset's 128x128 blocks cover the tiny models' layers in one)."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
+    if not scheme.startswith("FP8_BLOCK_"):
+        return QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    rows, cols = (int(size) for size in scheme.removeprefix("FP8_BLOCK_").split("x"))
+    common = dict(num_bits=8, type="float", symmetric=True)
+    group = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(**common, strategy="block", dynamic=False, block_structure=[rows, cols]),
+        input_activations=QuantizationArgs(**common, strategy="group", dynamic=True, group_size=cols),
+    )
+    return QuantizationModifier(config_groups={"group_0": group}, ignore=["lm_head"])
+
+
+def expand_block_scale(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+    """A block scale `(ceil(N / bn), ceil(K / bk))` as the `(N, K)` tensor of each element's scale."""
+    (rows, cols), (bn, bk) = shape, block
+    return scale.repeat_interleave(bn, dim=0)[:rows].repeat_interleave(bk, dim=1)[:, :cols]
+
+
+def llmcompressor_quantize(spec: models.ModelSpec, float_dir: Path, scheme: str, output: Path) -> None:
+    """llm-compressor's `oneshot` with `scheme` (`llmcompressor_recipe`; FP8 is static, calibrated on
+    random token ids) on every Linear but lm_head, saved compressed to `output`."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
     model = spec.auto_class.from_pretrained(float_dir)
-    recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
+    recipe = llmcompressor_recipe(scheme)
     kwargs = {}
     if scheme == "FP8":
         ids = models.token_ids(models.CALIBRATION_SEED, batch=8)

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from w8a8_jax.scheme import ACTIVATION_NAMES, WEIGHT_NAMES, Fp8Scheme
+from w8a8_jax.scheme import ACTIVATION_NAMES, DEFAULT_BLOCK_SIZE, WEIGHT_NAMES, Fp8Scheme
 from w8a8_jax.table import format_table
 
 
@@ -37,6 +37,28 @@ def _regex(text: str) -> str:
     except re.error as err:
         raise argparse.ArgumentTypeError(f"not a regular expression: {text!r} ({err})") from None
     return text
+
+
+def _block_size(text: str | None, weights: str) -> tuple[int, int] | None:
+    """`--block-size BN,BK` as `(bn, bk)`: two ints >= 1, only with `--weights block` (default
+    128,128 there); None for the other weights."""
+    if weights != "block":
+        if text is not None:
+            raise ValueError(f"--block-size applies only to --weights block, got --weights {weights}")
+        return None
+    if text is None:
+        return DEFAULT_BLOCK_SIZE
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 2 or not all(part.strip().isdigit() and int(part) >= 1 for part in parts):
+        raise ValueError(f"--block-size must be two ints >= 1 as BN,BK (e.g. 128,128), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _weights_description(config) -> str:
+    """The checkpoint's weights in words: "block 128x128 weights", "per_channel weights"."""
+    if config.is_block:
+        return f"block {config.block_size[0]}x{config.block_size[1]} weights"
+    return f"{config.weight_granularity} weights"
 
 
 def _progress(total: int, description: str, disable: bool):
@@ -76,7 +98,13 @@ def _quantize(args: argparse.Namespace) -> None:
     layers, skipped = checkpoint.linear_weight_prefixes(source, args.include, exclude)
     if not layers:
         raise ValueError(f"no float 2-D '*.weight' tensor in {args.input} matches --include/--exclude")
-    scheme = Fp8Scheme.from_names(args.weights, args.activations)
+    block_size = _block_size(args.block_size, args.weights)
+    if block_size is not None and args.activations not in ("dynamic-group", "dynamic-token"):
+        raise ValueError(
+            f"--weights block quantizes activations per token group: use --activations dynamic-group (or leave the "
+            f"default), got --activations {args.activations}"
+        )
+    scheme = Fp8Scheme.from_names(args.weights, args.activations, block_size=block_size)
     form = args.format
     if form == "auto":
         form = "fp8" if checkpoint.QuantizationConfig.fp8_form_holds(scheme) else "compressed-tensors"
@@ -116,6 +144,7 @@ def _quantize(args: argparse.Namespace) -> None:
                 source, writer, config, layers, calibration=calibration, on_tensor=on_tensor
             )
     seconds = time.perf_counter() - start
+    _note_ragged_blocks(config, rows)
     header = ("layer", "shape", "dtype", "weight_scale", "input_scale", "bytes")
     table_rows = [
         (
@@ -134,11 +163,27 @@ def _quantize(args: argparse.Namespace) -> None:
     bytes_in, bytes_out = sum(r["bytes_in"] for r in rows), sum(r["bytes_out"] for r in rows)
     total_in = sum(source.nbytes(name) for name in source.names)
     print(
-        f"\n{len(rows)} layers quantized ({config.weight_granularity} weights, {config.activation_scheme} activations, "
+        f"\n{len(rows)} layers quantized ({_weights_description(config)}, {config.activation_scheme} activations, "
         f"'{config.form}' quantization_config), {len(skipped)} left float; linear weights "
         f"{_size(bytes_in)} -> {_size(bytes_out)}, checkpoint {_size(total_in)} -> {_size(writer.total_bytes)}; "
         f"{len(source.names)} tensors in {seconds:.1f} s -> {args.output}"
     )
+
+
+def _note_ragged_blocks(config, rows) -> None:
+    """Says which layers of an fp8-form block checkpoint end inside a block: vLLM and we read them,
+    but transformers' dequantizing loader (its CPU path) infers the block from the scale grid and
+    cannot."""
+    if config.form != "fp8" or not config.is_block:
+        return
+    bn, bk = config.block_size
+    ragged = [row["layer"] for row in rows if row["shape"][0] % bn or row["shape"][1] % bk]
+    if ragged:
+        print(
+            f"w8a8-jax quantize: note: {len(ragged)} layer(s) (e.g. {ragged[0]}) have N or K not a multiple of the "
+            f"{bn}x{bk} block; transformers' dequantizing fp8 loader cannot read those (vLLM can)",
+            file=sys.stderr,
+        )
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -159,7 +204,7 @@ def _inspect(args: argparse.Namespace) -> None:
         )
         return
     config = checkpoint.read_quantization_config(ckpt)
-    rows, fp8_bytes, bf16_bytes = [], 0, 0
+    rows, fp8_bytes, bf16_bytes, blocks = [], 0, 0, 0
     with _progress(len(checkpoint.fp8_layer_prefixes(ckpt)), "inspect", args.no_progress) as bar:
         for layer in checkpoint.read_fp8_layers(ckpt, config):
             scale = layer.weight_scale
@@ -169,23 +214,36 @@ def _inspect(args: argparse.Namespace) -> None:
                     "x".join(map(str, layer.weight.shape)),
                     "F8_E4M3",
                     "x".join(map(str, scale.shape)),
-                    f"{scale.min():.3g}"
-                    if scale.size == 1
-                    else f"{scale.min():.3g}..{scale.max():.3g} (mean {scale.mean():.3g})",
+                    _scale_statistics(scale, config.is_block),
                     "-" if layer.input_scale is None else f"{float(layer.input_scale[0]):.3g}",
                     "yes" if layer.bias is not None else "no",
                 )
             )
             fp8_bytes += layer.weight.nbytes + scale.nbytes + (0 if layer.input_scale is None else 4)
             bf16_bytes += layer.weight.size * 2
+            blocks += scale.size if config.is_block else 0
             bar.update()
-    print(format_table(("layer", "shape", "dtype", "scale shape", "weight_scale", "input_scale", "bias"), rows))
+    scale_header = f"{config.weight_scale_name} (blocks: min/median/max)" if config.is_block else "weight_scale"
+    print(format_table(("layer", "shape", "dtype", "scale shape", scale_header, "input_scale", "bias"), rows))
+    block_note = f" ({blocks} blocks in all)" if config.is_block else ""
     print(
-        f"\n'{config.form}' quantization_config: {config.weight_granularity} weights, {config.activation_scheme} "
+        f"\n'{config.form}' quantization_config: {_weights_description(config)}{block_note}, {config.activation_scheme} "
         f"activations; {len(rows)} fp8 layers, {len(config.ignore)} left float; {files}, {_size(total)} in all; "
         f"fp8 layers {_size(fp8_bytes)} (bf16 {_size(bf16_bytes)}, {_size(bf16_bytes - fp8_bytes)} saved, "
         f"{bf16_bytes / max(fp8_bytes, 1):.2f}x smaller)"
     )
+
+
+def _scale_statistics(scale, block: bool) -> str:
+    """One layer's weight scales in a few characters: the value, its range and mean, or for block
+    scales the number of blocks and their min/median/max."""
+    import numpy as np
+
+    if block:
+        return f"{scale.size} blocks: {scale.min():.3g}/{float(np.median(scale)):.3g}/{scale.max():.3g}"
+    if scale.size == 1:
+        return f"{scale.min():.3g}"
+    return f"{scale.min():.3g}..{scale.max():.3g} (mean {scale.mean():.3g})"
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -222,7 +280,7 @@ def _report(args: argparse.Namespace) -> None:
         rows.append(tuple(row))
     print(format_table(tuple(header), rows))
     worst = min(reports, key=lambda r: r.weight_sqnr_db)
-    summary = f"\n{len(reports)} layers ({config.weight_granularity} weights, {config.activation_scheme}); lowest weight SQNR {worst.weight_sqnr_db:.2f} dB ({worst.layer})"
+    summary = f"\n{len(reports)} layers ({_weights_description(config)}, {config.activation_scheme}); lowest weight SQNR {worst.weight_sqnr_db:.2f} dB ({worst.layer})"
     if with_outputs:
         observed = [r for r in reports if r.output_sqnr_db is not None]
         worst_out = min(observed, key=lambda r: r.output_sqnr_db)
@@ -248,13 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("output", help="directory to write (atomically; must not exist or be empty)")
     quantize.add_argument(
-        "--weights", choices=WEIGHT_NAMES, default="channel", help="weight scale granularity (default channel)"
+        "--weights",
+        choices=WEIGHT_NAMES,
+        default="channel",
+        help="weight scale granularity: tensor, channel (default) or block (one scale per --block-size block, "
+        "DeepSeek-V3's layout)",
+    )
+    quantize.add_argument(
+        "--block-size",
+        metavar="BN,BK",
+        help="the weight block of --weights block: BN output rows by BK input columns (default 128,128); "
+        "activations are quantized per token in groups of BK",
     )
     quantize.add_argument(
         "--activations",
         choices=ACTIVATION_NAMES,
         default="dynamic-token",
-        help="static (calibrated input_scale), dynamic (per tensor) or dynamic-token (default)",
+        help="static (calibrated input_scale), dynamic (per tensor), dynamic-token (default) or dynamic-group "
+        "(per token and group of BK: block weights take only this, and read the default as it)",
     )
     quantize.add_argument(
         "--calibrate",
@@ -283,8 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("compressed-tensors", "fp8", "auto"),
         default="compressed-tensors",
         help="quantization_config form: compressed-tensors (default; vLLM, transformers and llm-compressor read "
-        "it), fp8 (vLLM's own per-tensor form: vLLM reads it, transformers misreads it as block fp8), auto (fp8 "
-        "where it can express the scheme)",
+        "it), fp8 (vLLM's own form: per-tensor weights, vLLM reads it and transformers misreads it as block fp8; or "
+        "block weights stored as DeepSeek-V3 does, weight_scale_inv, which vLLM and transformers read; on CPU "
+        "transformers needs N and K multiples of the block), auto "
+        "(fp8 where it can express the scheme)",
     )
     quantize.add_argument("--max-shard-size", type=_parse_size, default=4 << 30, metavar="SIZE", help="default 4GiB")
     quantize.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")

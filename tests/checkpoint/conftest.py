@@ -48,6 +48,40 @@ CONFIGS = {
 }
 
 
+# Block fp8 in both forms, as DeepSeek-V3's config.json (transformers' FineGrainedFP8) and
+# llm-compressor's FP8_BLOCK scheme write them.
+FP8_FORM_BLOCK = {
+    "quant_method": "fp8",
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "weight_block_size": [128, 128],
+    "modules_to_not_convert": ["lm_head"],
+}
+
+
+def compressed_tensors_block(block=(128, 128)) -> dict:
+    """compressed-tensors' FP8_BLOCK group: static block weights, dynamic activations per group of bk."""
+    config = compressed_tensors("block", "group", True)
+    group = config["config_groups"]["group_0"]
+    group["weights"]["block_structure"] = list(block)
+    group["input_activations"]["group_size"] = block[1]
+    group["input_activations"]["observer"] = None
+    return config
+
+
+def block_layer(rng, prefix: str, n: int, k: int, block=(128, 128), scale_name="weight_scale", bias=True) -> dict:
+    """One block-scaled layer's tensors (`{prefix}.weight`, `{prefix}.{scale_name}` F32
+    `(ceil(n / bn), ceil(k / bk))`, a bf16 bias), the codes and scales from the NumPy reference;
+    the block magnitudes vary over two decades so that a scale applied to the wrong block shows."""
+    magnitude = np.exp(rng.uniform(-2.5, 2.0, (-(-n // block[0]), -(-k // block[1]))))
+    weight = random_float(rng, (n, k)) * np.repeat(np.repeat(magnitude, block[0], 0), block[1], 1)[:n, :k]
+    codes, scale = reference.quant_block_weight(weight.astype(np.float32), block)
+    tensors = {f"{prefix}.weight": codes, f"{prefix}.{scale_name}": scale}
+    if bias:
+        tensors[f"{prefix}.bias"] = random_float(rng, (n,)).astype(ml_dtypes.bfloat16)
+    return tensors
+
+
 def random_float(rng: np.random.Generator, shape, low=0.05) -> np.ndarray:
     """Float32 values with |x| in [low, 1 + low): random signs, never zero."""
     return (rng.uniform(low, 1 + low, shape) * rng.choice([-1.0, 1.0], shape)).astype(np.float32)

@@ -261,3 +261,115 @@ def test_help_says_which_consumer_reads_which_form(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "compressed-tensors (default; vLLM, transformers and llm-compressor read it)" in out
     assert "transformers misreads it" in out and "--no-default-exclude" in out
+    assert "weight_scale_inv, which vLLM and transformers read" in out and "--block-size BN,BK" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# Block weights
+
+
+@pytest.mark.parametrize(
+    "options,form,block",
+    [
+        (["--block-size", "16,32", "--format", "fp8"], "fp8", (16, 32)),
+        (["--block-size", "16x32"], "compressed-tensors", (16, 32)),
+        (["--block-size", "32,16", "--format", "auto", "--activations", "dynamic-group"], "fp8", (32, 16)),
+        ([], "compressed-tensors", (128, 128)),
+    ],
+    ids=["fp8", "compressed-tensors", "auto", "default-block"],
+)  # fmt: skip
+def test_quantize_inspect_report_block(tmp_path, rng, capsys, float_checkpoint, options, form, block):
+    """`--weights block`: the reference's block codes and F32 scales under the form's name (ragged
+    last blocks: 48 = 3 x 16, 80 = 2.5 x 32), then inspect's block statistics and report's errors."""
+    path, tensors = float_checkpoint
+    out_dir = tmp_path / "fp8"
+    code, out, err = run(capsys, "quantize", str(path), str(out_dir), "--weights", "block", *options, "--no-progress")
+    assert code == 0, err
+    # 80 columns end inside a 32-wide block (48 rows inside a 32-high one): only the fp8 form's
+    # consumer that cannot read that (transformers' dequantizing loader) is worth a note.
+    assert ("have N or K not a multiple of the" in err) == (form == "fp8"), err
+    summary = out.split("\n\n")[1]
+    assert (
+        f"2 layers quantized (block {block[0]}x{block[1]} weights, dynamic_per_token_group activations, '{form}'"
+        in summary
+    )
+    config = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == form
+    fp8 = checkpoint.SafetensorsCheckpoint(out_dir)
+    qconfig = checkpoint.read_quantization_config(fp8)
+    assert qconfig.block_size == block and qconfig.ignore == ("lm_head",)
+    scale_leaf = "weight_scale_inv" if form == "fp8" else "weight_scale"
+    expected_scales = {}
+    for prefix in ("model.layers.0.q_proj", "model.layers.0.down_proj"):
+        codes, scale = reference.quant_block_weight(np.asarray(tensors[f"{prefix}.weight"], np.float32), block)
+        assert fp8.dtype_name(f"{prefix}.{scale_leaf}") == "F32" and f"{prefix}.input_scale" not in fp8
+        reference.assert_bit_identical(fp8.tensor(f"{prefix}.weight"), codes)
+        reference.assert_bit_identical(fp8.tensor(f"{prefix}.{scale_leaf}"), scale)
+        expected_scales[prefix] = scale
+
+    code, out, err = run(capsys, "inspect", str(out_dir), "--no-progress")
+    assert code == 0, err
+    down = expected_scales["model.layers.0.down_proj"]
+    row = next(line for line in out.splitlines() if line.startswith("model.layers.0.down_proj"))
+    assert row.split()[:4] == ["model.layers.0.down_proj", "32x80", "F8_E4M3", "x".join(map(str, down.shape))]
+    stats = f"{down.size} blocks: {down.min():.3g}/{float(np.median(down)):.3g}/{down.max():.3g}"
+    assert stats in row, row
+    blocks = sum(scale.size for scale in expected_scales.values())
+    assert f"'{form}' quantization_config: block {block[0]}x{block[1]} weights ({blocks} blocks in all)" in out
+    assert f"{scale_leaf} (blocks: min/median/max)" in out and "2 fp8 layers, 1 left float" in out
+
+    inputs = {p: random_float(rng, (9, shape[1])) * 3 for p, shape in LAYERS.items()}
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    code, out, err = run(capsys, "report", str(path), str(out_dir), "--inputs", str(tmp_path / "inputs.safetensors"), "--no-progress")  # fmt: skip
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line.startswith("model.layers")]
+    assert len(rows) == 2 and all(len(row) == 7 for row in rows)
+    # e4m3: about 30 dB for weights of uniform magnitude, a little less on outputs.
+    assert all(25 < float(row[2]) < 40 and 20 < float(row[5]) < 40 for row in rows), rows
+    assert f"2 layers (block {block[0]}x{block[1]} weights, dynamic_per_token_group)" in out
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--weights", "block", "--block-size", "128"], "--block-size must be two ints >= 1 as BN,BK (e.g. 128,128), got '128'"),
+        (["--weights", "block", "--block-size", "0,128"], "--block-size must be two ints >= 1 as BN,BK"),
+        (["--weights", "block", "--block-size", "a,b"], "--block-size must be two ints >= 1 as BN,BK"),
+        (["--weights", "block", "--block-size", "1.5,2"], "--block-size must be two ints >= 1 as BN,BK"),
+        (["--weights", "channel", "--block-size", "128,128"], "--block-size applies only to --weights block"),
+        (["--weights", "block", "--activations", "static"], "--weights block quantizes activations per token group"),
+        (["--weights", "block", "--activations", "dynamic"], "use --activations dynamic-group"),
+        (["--activations", "dynamic-group"], "activation_scheme='dynamic_per_token_group' goes with block weights"),
+    ],
+)  # fmt: skip
+def test_block_options_errors_are_one_line(tmp_path, capsys, float_checkpoint, argv, match):
+    code, _, err = run(capsys, "quantize", str(float_checkpoint[0]), str(tmp_path / "o"), *argv, "--no-progress")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("w8a8-jax quantize: error: ") and match in lines[0], (
+        err
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_and_report_on_a_hand_made_block_checkpoint(tmp_path, rng, capsys):
+    """A DeepSeek-style checkpoint nobody here wrote (N = 576, K = 320: ragged blocks) inspects and
+    reports against its float weights."""
+    from tests.checkpoint.conftest import FP8_FORM_BLOCK, block_layer
+
+    tensors = block_layer(rng, "model.layers.0.self_attn.kv_a_proj_with_mqa", 576, 320, scale_name="weight_scale_inv")
+    fp8_dir = write_vllm_checkpoint(tmp_path / "fp8", tensors, FP8_FORM_BLOCK)
+    codes = tensors["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
+    scale = tensors["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"]
+    dequantized = reference.dequantize_blocks(codes, scale, (128, 128))
+    noise = 1 + rng.uniform(-0.01, 0.01, dequantized.shape)  # the float weights the codes came from, near enough
+    float_dir = write_vllm_checkpoint(
+        tmp_path / "float", {"model.layers.0.self_attn.kv_a_proj_with_mqa.weight": (dequantized * noise).astype(np.float32)}, None
+    )  # fmt: skip
+    code, out, err = run(capsys, "inspect", str(fp8_dir), "--no-progress")
+    assert code == 0, err
+    assert "576x320" in out and "5x3" in out and "15 blocks:" in out and "(15 blocks in all)" in out
+    code, out, err = run(capsys, "report", str(float_dir), str(fp8_dir), "--no-progress")
+    assert code == 0, err
+    (row,) = [line.split() for line in out.splitlines() if line.startswith("model.layers")]
+    # The dequantized weights are the float ones to 1 %: 40 dB, where a wrong block scale gives < 0 dB.
+    assert 35 < float(row[2]) < 50, row

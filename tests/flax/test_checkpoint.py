@@ -54,6 +54,23 @@ def test_linen_variables_roundtrip_with_msgpack(key):
     )
 
 
+def test_block_linen_variables_roundtrip_with_msgpack(key):
+    """Block-scaled linen variables (weight_scale `(ceil(N / bn), ceil(K / bk))`) survive msgpack bit for bit."""
+    from w8a8_jax.linen import Fp8Dense
+
+    layer = Fp8Dense(200, weight_granularity="block", block_size=(64, 128))
+    x = jax.random.normal(key, (3, 320), jnp.float32)
+    variables = layer.init(jax.random.key(0), x)
+    assert variables["params"]["weight_scale"].shape == (4, 3)
+    restored = serialization.from_bytes(variables, serialization.to_bytes(variables))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8)),
+        restored,
+        variables,
+    )
+    np.testing.assert_array_equal(np.asarray(layer.apply(restored, x)), np.asarray(layer.apply(variables, x)))
+
+
 def test_llama_block_example_quantizes_close_to_float():
     float_block, fp8_block, report, inputs = llama_block.quantize_block(small_config(), length=8)
     assert {row.path for row in report.layers} == {"attn/qkv_proj", "attn/o_proj", "mlp/gate_up_proj", "mlp/down_proj"}

@@ -5,8 +5,9 @@ A name map takes a module path ("/"-joined, as `convert` names layers, e.g.
 or, for a fused projection (QKV, gate/up), to the list of its shards' prefixes in output order.
 Without a map a path maps to itself with "/" replaced by ".". Fused shards are stored separately,
 each with its own scales, and fused on load as vLLM does (`weight_utils.fuse_fp8_shards`: per-tensor
-scales become their max and the shards are requantized to it; per-channel scales concatenate);
-their static `input_scale`s become their max.
+scales become their max and the shards are requantized to it; per-channel scales concatenate;
+`weight_utils.fuse_block_fp8_shards`: block codes and scales concatenate, every shard but the last
+spanning whole blocks); their static `input_scale`s become their max.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -72,22 +73,26 @@ def _fuse(layers: Sequence[Fp8LayerTensors], config: QuantizationConfig, fp8_dty
     if len(layers) == 1:
         params = layers[0].params()
     else:
-        weight, weight_scale = weight_utils.fuse_fp8_shards(
-            [(jnp.asarray(layer.weight), jnp.asarray(layer.weight_scale)) for layer in layers],
-            config.weight_granularity,
-        )
+        shards = [(jnp.asarray(layer.weight), jnp.asarray(layer.weight_scale)) for layer in layers]
+        if config.is_block:
+            try:
+                weight, weight_scale = weight_utils.fuse_block_fp8_shards(shards, config.block_size)
+            except ValueError as error:
+                raise ValueError(f"fused shards {prefixes}: {error}") from None
+        else:
+            weight, weight_scale = weight_utils.fuse_fp8_shards(shards, config.weight_granularity)
         input_scale = None
         if config.is_static:
             input_scale = jnp.max(jnp.stack([jnp.asarray(layer.input_scale) for layer in layers])).reshape(1)
         bias = None
         if layers[0].bias is not None:
             bias = jnp.concatenate([jnp.asarray(layer.bias) for layer in layers])
-        params = Fp8Params.create(weight, weight_scale, input_scale, bias)
+        params = Fp8Params.create(weight, weight_scale, input_scale, bias, block_size=config.block_size)
     if platform.resolve_fp8_dtype(fp8_dtype) == np.dtype(dtypes.FP8_E4M3FNUZ):
         weight, weight_scale, input_scale = weight_utils.normalize_e4m3fn_to_e4m3fnuz(
             params.weight, params.weight_scale, params.input_scale
         )
-        params = Fp8Params.create(weight, weight_scale, input_scale, params.bias)
+        params = Fp8Params.create(weight, weight_scale, input_scale, params.bias, block_size=config.block_size)
     return params
 
 
@@ -205,8 +210,19 @@ def load_linen(
     return fp8_model, {**variables, "params": new_params}
 
 
-def _split(params: Fp8Params, prefixes: Sequence[str], widths: Sequence[int] | None):
-    """One layer's parameters as checkpoint tensors, split into its shards' rows for a fused layer."""
+def _split(
+    params: Fp8Params,
+    prefixes: Sequence[str],
+    widths: Sequence[int] | None,
+    *,
+    block_size: tuple[int, int] | None = None,
+    scale_name: str = "weight_scale",
+):
+    """One layer's parameters as checkpoint tensors, split into its shards' rows for a fused layer.
+
+    Block scales `(ceil(N / bn), ceil(K / bk))` split by block rows, so every shard but the last
+    must span whole blocks; the weight scale is written as `{prefix}.{scale_name}`.
+    """
     weight = np.asarray(params.weight)
     if np.dtype(weight.dtype) != np.dtype(dtypes.FP8_E4M3FN):
         raise TypeError(f"checkpoints hold float8_e4m3fn weights, {prefixes} is {weight.dtype}")
@@ -215,35 +231,89 @@ def _split(params: Fp8Params, prefixes: Sequence[str], widths: Sequence[int] | N
             f"fused layer {list(prefixes)} needs shard widths summing to N={weight.shape[0]}, got {widths}"
         )
     bounds = np.cumsum([0, *(widths or [weight.shape[0]])])
+    if block_size is not None and any(bound % block_size[0] for bound in bounds[1:-1]):
+        raise ValueError(
+            f"fused block layer {list(prefixes)}: shard widths {list(widths)} must be multiples of the block's "
+            f"bn={block_size[0]} (but the last), or a shard would share a block scale with the next"
+        )
     scale = np.asarray(params.weight_scale, np.float32)
     for prefix, start, stop in zip(prefixes, bounds[:-1], bounds[1:]):
         yield f"{prefix}.weight", weight[start:stop]
-        yield f"{prefix}.weight_scale", scale if scale.size == 1 else scale[start:stop]
+        if block_size is not None:
+            bn = block_size[0]
+            yield f"{prefix}.{scale_name}", scale[start // bn : -(-stop // bn)]
+        else:
+            yield f"{prefix}.{scale_name}", scale if scale.size == 1 else scale[start:stop]
         if params.input_scale is not None:
             yield f"{prefix}.input_scale", np.asarray(params.input_scale, np.float32)
         if params.bias is not None:
             yield f"{prefix}.bias", np.asarray(params.bias)[start:stop]
 
 
+def _check_layer_scheme(path: str, scheme, config: QuantizationConfig | None) -> None:
+    """A layer written under `config` must be quantized as `config` says (a loader reads it so)."""
+    if config is None:
+        return
+    mine = (scheme.weight_granularity, scheme.activation_scheme, scheme.block_size)
+    theirs = (config.weight_granularity, config.activation_scheme, config.block_size)
+    if mine != theirs:
+        raise ValueError(
+            f"the layer at {path!r} is quantized as (weights, activations, block_size) = {mine}, but the "
+            f"checkpoint's quantization_config says {theirs}"
+        )
+
+
 def nnx_fp8_tensors(
-    model: nnx.Module, names: NameMap | None = None, shard_widths: Mapping[str, Sequence[int]] | None = None
+    model: nnx.Module,
+    names: NameMap | None = None,
+    shard_widths: Mapping[str, Sequence[int]] | None = None,
+    *,
+    config: QuantizationConfig | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """The checkpoint tensors of every `Fp8Dense` in `model` (for `write_checkpoint`).
 
     A fused layer (several prefixes in `names`) is split into its shards by `shard_widths[path]`;
-    every shard keeps the fused layer's scales, so loading it back reproduces the layer exactly.
+    every shard keeps the fused layer's scales (block scales: its own block rows), so loading it
+    back reproduces the layer exactly. `config`, the `quantization_config` the tensors are written
+    under, names the weight scale (`weight_scale_inv` for the fp8 form's block weights) and must
+    describe every layer's scheme; None writes the compressed-tensors names unchecked.
     """
+    scale_name = "weight_scale" if config is None else config.weight_scale_name
     for path, _, node in module_tree.find_layers(model, (fp8_nnx.Fp8Dense,)):
         if names is None or path in names:
-            yield from _split(node.params, _prefixes(names, path), (shard_widths or {}).get(path))
+            _check_layer_scheme(path, node.scheme, config)
+            yield from _split(
+                node.params,
+                _prefixes(names, path),
+                (shard_widths or {}).get(path),
+                block_size=node.scheme.block_size,
+                scale_name=scale_name,
+            )
 
 
 def linen_fp8_tensors(
-    params: Mapping, names: NameMap | None = None, shard_widths: Mapping[str, Sequence[int]] | None = None
+    params: Mapping,
+    names: NameMap | None = None,
+    shard_widths: Mapping[str, Sequence[int]] | None = None,
+    *,
+    config: QuantizationConfig | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """The checkpoint tensors of every fp8 layer (a params entry with "weight_scale") in a linen tree."""
+    """The checkpoint tensors of every fp8 layer (a params entry with "weight_scale") in a linen tree.
+
+    A linen params entry does not say its scheme: `config` does (block layers need it: their
+    `block_size`, and the scale's name in the fp8 form); None reads the entries as per-tensor or
+    per-channel.
+    """
+    block_size = None if config is None else config.block_size
+    scale_name = "weight_scale" if config is None else config.weight_scale_name
     for keys in _dense_paths(params):
         layer = module_tree.tree_get(params, keys)
         path = "/".join(keys)
         if "weight_scale" in layer and (names is None or path in names):
-            yield from _split(Fp8Params.from_dict(layer), _prefixes(names, path), (shard_widths or {}).get(path))
+            yield from _split(
+                Fp8Params.from_dict(layer, block_size=block_size),
+                _prefixes(names, path),
+                (shard_widths or {}).get(path),
+                block_size=block_size,
+                scale_name=scale_name,
+            )

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from w8a8_jax import dense, weight_utils
+from w8a8_jax import dense
 from w8a8_jax.checkpoint.config import QuantizationConfig
 from w8a8_jax.checkpoint.layers import fp8_layer_prefixes, read_fp8_layer, read_quantization_config
 from w8a8_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
@@ -20,7 +20,8 @@ class CheckpointLayerReport:
     Attributes:
       layer: checkpoint prefix.
       shape: the weight's `(N, K)`.
-      weight_sqnr_db, weight_max_abs_error, weight_max_rel_error: dequantized fp8 weight vs float.
+      weight_sqnr_db, weight_max_abs_error, weight_max_rel_error: dequantized fp8 weight (codes
+        times their tensor's, row's or block's scale) vs float.
       output_sqnr_db, output_max_rel_error: `fp8_dense(x)` vs `x @ W.T + b` (float32) on the inputs.
     """
 
@@ -56,7 +57,7 @@ def compare_checkpoints(
         weight = np.asarray(float_checkpoint.tensor(name), np.float32)
         if weight.shape != layer.weight.shape:
             raise ValueError(f"{name}: float shape {weight.shape} != fp8 shape {layer.weight.shape}")
-        approx = np.asarray(weight_utils.per_tensor_dequantize(layer.weight, layer.weight_scale))
+        approx = layer.dequantized()
         output_sqnr = output_error = None
         if inputs is not None and prefix in inputs:
             x = np.asarray(inputs[prefix], np.float32)

@@ -18,9 +18,7 @@ loop. Neither side flushes L2.
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +26,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import reference
-from jax.experimental.mosaic.gpu import profiler
+from timing import time_jax, time_jax_wall, time_torch
 
 import w8a8_jax
 from w8a8_jax import quantization, scaled_mm
@@ -49,48 +48,6 @@ R = 8  # distinct activation sets per timed loop
 
 def _fp8(key, shape):
     return jax.random.uniform(key, shape, jnp.float32, -1.5, 1.5).astype(jnp.float8_e4m3fn)
-
-
-def time_jax(fn, inputs, reps):
-    """Median seconds per call of fn over the R distinct inputs: the GPU time of the kernels the
-    jitted loop launches, summed (CUPTI), so JAX's per-call dispatch is not counted."""
-    looped = jax.jit(lambda xs: [fn(x) for x in xs])
-    jax.block_until_ready(looped(inputs))
-    _, times_ms = profiler.measure(looped, iterations=reps)(inputs)
-    if times_ms is None:
-        raise RuntimeError("no kernel was launched")
-    return statistics.median(times_ms) / 1e3 / len(inputs)
-
-
-def time_jax_wall(fn, inputs, reps):
-    """Median wall-clock seconds per call of fn over the R distinct inputs, one jitted loop a
-    sample (its dispatch counted), beside `time_jax`'s kernel time."""
-    looped = jax.jit(lambda xs: [fn(x) for x in xs])
-    jax.block_until_ready(looped(inputs))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(looped(inputs))
-        times.append((time.perf_counter() - start) / len(inputs))
-    return statistics.median(times)
-
-
-def time_torch(fn, inputs, reps):
-    import torch
-
-    for x in inputs:
-        fn(x)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for x in inputs:
-            fn(x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / len(inputs))
-    return statistics.median(times)
 
 
 def check_gemm(results):

@@ -11,7 +11,7 @@ import pytest
 
 import w8a8_jax
 from tests import reference
-from w8a8_jax import block_scaled_mm, dispatch, platform, quantization
+from w8a8_jax import block_scaled_mm, dispatch, platform, quantization, scaled_mm
 from w8a8_jax.platform import FusedKernel
 from w8a8_jax.scheme import Fp8Scheme
 
@@ -172,6 +172,39 @@ def test_block_matmul_other_block_shapes_and_bias(key, block):
     reference.assert_gemm_close(
         out, reference.block_scaled_mm(qinput, weight, scale_a, scale_b, block, bias), 576, jnp.float32
     )
+
+
+# The dequantized path keeps ~16 bits of each operand (bf16 head and tail): 2^-14 of max |ref|
+# allows four such rounding steps and is still 2^9 below a wrong block scale's error (x1.5 or more).
+DEQUANT_TOLERANCE = 2.0**-14
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 576, 576), (33, 2112, 640), (130, 200, 130)])
+def test_block_dequant_matmul_matches_float64(key, m, k, n):
+    qinput, weight, scale_a, scale_b = block_operands(key, m, k, n)
+    bias = jax.random.normal(jax.random.fold_in(key, 3), (n,)) * 10
+    ref = reference.block_scaled_mm(qinput, weight, scale_a, scale_b, BLOCK, bias)
+    out = block_scaled_mm.xla_block_dequant_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, BLOCK, bias, jnp.float32)
+    err = np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max()
+    assert err <= DEQUANT_TOLERANCE, err
+    out = block_scaled_mm.xla_block_dequant_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, BLOCK, bias, jnp.bfloat16)
+    reference.assert_gemm_close(out, ref, k, jnp.bfloat16)
+
+
+def test_plan_runs_the_dequantized_block_gemm_on_cuda_from_4m_outputs(key, monkeypatch):
+    """Where cuBLASLt runs the fp8 GEMMs (CUDA), the plan takes the dequantized formulation from
+    M x N = 4Mi outputs on (measured on the H200); the plan's GEMM then runs."""
+    weight, weight_scale = quantized_layer(key, 4096, 256)
+    op = w8a8_jax.W8A8BlockFp8LinearOp()
+    big, small = jax.ShapeDtypeStruct((1024, 256), jnp.bfloat16), jax.ShapeDtypeStruct((896, 256), jnp.bfloat16)
+    assert op.plan(big, weight, weight_scale).gemm == dispatch.XLA_BLOCK_GEMM  # CPU: no cuBLASLt
+    monkeypatch.setattr(scaled_mm, "fp8_dot_is_cublas", lambda dtype: True)
+    assert op.plan(big, weight, weight_scale).gemm == dispatch.XLA_BLOCK_DEQUANT_GEMM
+    assert op.plan(small, weight, weight_scale).gemm == dispatch.XLA_BLOCK_GEMM
+    x = activations(jax.random.fold_in(key, 1), 1024, 256)
+    out = jax.jit(lambda x: op.apply(x, weight, weight_scale, out_dtype=jnp.float32))(x)
+    ref = op_reference(x, weight, weight_scale)
+    assert np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max() <= DEQUANT_TOLERANCE
 
 
 def test_block_matmul_row_chunks_equal_one_shot(key, monkeypatch):

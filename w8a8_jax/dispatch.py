@@ -18,8 +18,8 @@ Quantizers (`Plan.quantizer`):
   "quantize_per_token_group"    XLA: one scale per row and group of bk (block schemes)
   "kernel.quant_block_scaled_mm" inside the block GEMM kernel, which then is the GEMM too
 GEMMs (`Plan.gemm`): the names of `scaled_mm`'s paths, or "kernel.quant_scaled_mm"; for block
-schemes (`Plan.block_size` set) "xla_block_w8a8_scaled_mm" (`block_scaled_mm`),
-"kernel.block_scaled_mm" or "kernel.quant_block_scaled_mm".
+schemes (`Plan.block_size` set) "xla_block_w8a8_scaled_mm" or "xla_block_dequant_w8a8_scaled_mm"
+(`block_scaled_mm`), "kernel.block_scaled_mm" or "kernel.quant_block_scaled_mm".
 """
 
 import dataclasses
@@ -40,6 +40,11 @@ KERNEL_QUANT_SCALED_MM = "kernel.quant_scaled_mm"
 FUSED_GEMM = scaled_mm.fused_w8a8_scaled_mm.__name__
 QUANTIZE_PER_TOKEN_GROUP = "quantize_per_token_group"
 XLA_BLOCK_GEMM = "xla_block_w8a8_scaled_mm"
+XLA_BLOCK_DEQUANT_GEMM = "xla_block_dequant_w8a8_scaled_mm"
+# Outputs (M x N) from which, on CUDA, XLA's block GEMM runs dequantized (measured on the H200,
+# benchmarks/NOTES.md v10: below it the per-k-block fp8 GEMMs are faster, above it their float32
+# partial products cost more than three bf16 GEMMs).
+BLOCK_DEQUANT_MIN_OUTPUTS = 4 << 20
 KERNEL_BLOCK_SCALED_MM = "kernel.block_scaled_mm"
 KERNEL_QUANT_BLOCK_SCALED_MM = "kernel.quant_block_scaled_mm"
 
@@ -160,9 +165,12 @@ def _block_plan(block_size, m, k, n, input_dtype, weight_dtype, out_dtype, kerne
         takes, why = False, f"the block kernel does not take M={m}, K={k}, N={n}, blocks {block_size}"
     else:
         takes, why = True, "the block kernel takes the shape"
-    gemm = KERNEL_BLOCK_SCALED_MM if takes else XLA_BLOCK_GEMM
-    if not takes:
-        why = f"{why}: the XLA block GEMM"
+    if takes:
+        gemm = KERNEL_BLOCK_SCALED_MM
+    elif scaled_mm.fp8_dot_is_cublas(weight_dtype) and m * n >= BLOCK_DEQUANT_MIN_OUTPUTS:
+        gemm, why = XLA_BLOCK_DEQUANT_GEMM, f"{why}: M x N = {m * n} outputs, XLA's dequantized block GEMM"
+    else:
+        gemm, why = XLA_BLOCK_GEMM, f"{why}: XLA's per-k-block fp8 GEMMs"
     if dtypes.is_fp8(input_dtype):
         quantizer, quant_why = None, "fp8 input"
     elif (

@@ -22,6 +22,7 @@ SCHEMES = [
     ("dynamic per-token x per-channel W", Fp8Scheme("per_channel", "dynamic_per_token", fused=False)),
     ("static x per-channel W", Fp8Scheme("per_channel", "static", fused=False)),
     ("fused: dynamic per-token x per-channel W", Fp8Scheme("per_channel", "dynamic_per_token", fused=True)),
+    ("per-token group x 128x128-block W", Fp8Scheme("block", fused=False)),
 ]
 
 
@@ -74,10 +75,13 @@ def run(seed: int = 0) -> Iterator[dict]:
         # Static scales from this batch's amax (calibration on the data itself).
         layers = [
             Fp8Params.create(
-                *quantization.quantize_weight(w, scheme.weight_granularity, jnp.float8_e4m3fn),
+                *quantization.quantize_weight(
+                    w, scheme.weight_granularity, jnp.float8_e4m3fn, block_size=scheme.block_size
+                ),
                 input_scale=quantization.static_input_scale(np.abs(a).max(), jnp.float8_e4m3fn)
                 if scheme.is_static
                 else None,
+                block_size=scheme.block_size,
             )
             for w, a in zip(weights, _layer_inputs(x, weights))
         ]

@@ -42,7 +42,7 @@ QUANTIZE_PER_TOKEN_GROUP = "quantize_per_token_group"
 XLA_BLOCK_GEMM = "xla_block_w8a8_scaled_mm"
 XLA_BLOCK_DEQUANT_GEMM = "xla_block_dequant_w8a8_scaled_mm"
 # Outputs (M x N) from which, on CUDA, XLA's block GEMM runs dequantized (measured on the H200,
-# benchmarks/NOTES.md v10: below it the per-k-block fp8 GEMMs are faster, above it their float32
+# benchmarks/NOTES.md, block fp8 v1: below it the per-k-block fp8 GEMMs are faster, above it their float32
 # partial products cost more than three bf16 GEMMs).
 BLOCK_DEQUANT_MIN_OUTPUTS = 4 << 20
 KERNEL_BLOCK_SCALED_MM = "kernel.block_scaled_mm"

@@ -136,13 +136,18 @@ def xla_block_dequant_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, block_siz
 def _xla_block_dequant(qinput, weight, scale_a, scale_b, bias, *, block_size, out_dtype):
     a = quantization.dequantize_weight(qinput, scale_a, (1, block_size[1]))
     w = quantization.dequantize_weight(weight, scale_b, block_size)
-    out = jax.lax.dot_general(
-        a,
-        w,
-        layout.CONTRACT_K,
-        precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
-        preferred_element_type=jnp.float32,
-    )
+    if 1 in (a.shape[0], w.shape[0]):
+        # XLA:GPU does not run the three-pass algorithm for a matrix-vector product: float32
+        # products summed in float32 instead (one fused reduction).
+        out = jnp.sum(a[:, None, :] * w[None, :, :], axis=-1)
+    else:
+        out = jax.lax.dot_general(
+            a,
+            w,
+            layout.CONTRACT_K,
+            precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+            preferred_element_type=jnp.float32,
+        )
     if bias is not None:
         out = out + bias.astype(jnp.float32)
     return out.astype(out_dtype)

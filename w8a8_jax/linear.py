@@ -114,6 +114,19 @@ def _apply_rows(input, weight, call: _Call, plan: dispatch.Plan, bias) -> jax.Ar
     return out[: call.rows].reshape(*input.shape[:-1], n)
 
 
+def _plan_call(call: _Call, input, weight, kernel: FusedKernel | None) -> dispatch.Plan:
+    """The plan of one checked call: its scheme, the rows the GEMM sees, the dtypes, the kernel."""
+    return dispatch.plan(
+        call.scheme,
+        input_shape=(call.gemm_rows, weight.shape[1]),
+        input_dtype=input.dtype,
+        weight_shape=weight.shape,
+        weight_dtype=weight.dtype,
+        out_dtype=call.out_dtype,
+        kernel=kernel,
+    )
+
+
 def _requested_kernel(request: bool | None) -> FusedKernel | None:
     """The platform's fused kernel where `request` (an op's `fused_supported`) allows it."""
     if request is False:
@@ -199,15 +212,7 @@ class Fp8LinearOp:
         )
 
     def _plan(self, call: _Call, input, weight) -> dispatch.Plan:
-        return dispatch.plan(
-            call.scheme,
-            input_shape=(call.gemm_rows, weight.shape[1]),
-            input_dtype=input.dtype,
-            weight_shape=weight.shape,
-            weight_dtype=weight.dtype,
-            out_dtype=call.out_dtype,
-            kernel=self._kernel(),
-        )
+        return _plan_call(call, input, weight, self._kernel())
 
     def plan(
         self,
@@ -366,15 +371,7 @@ class W8A8BlockFp8LinearOp:
         )
 
     def _plan(self, call: _Call, input, weight) -> dispatch.Plan:
-        return dispatch.plan(
-            self.scheme,
-            input_shape=(call.gemm_rows, weight.shape[1]),
-            input_dtype=input.dtype,
-            weight_shape=weight.shape,
-            weight_dtype=weight.dtype,
-            out_dtype=call.out_dtype,
-            kernel=_requested_kernel(self._fused_request),
-        )
+        return _plan_call(call, input, weight, _requested_kernel(self._fused_request))
 
     def plan(self, input, weight, weight_scale, input_scale=None, bias=None, out_dtype=None) -> dispatch.Plan:
         """The `dispatch.Plan` `apply` would run (`input` may be a `jax.ShapeDtypeStruct`)."""

@@ -395,6 +395,12 @@ def test_op_rejects_bad_arguments(key, call, error, match):
         call(w8a8_jax.W8A8BlockFp8LinearOp(), jnp.ones((3, 576), jnp.bfloat16), weight, weight_scale)
 
 
+def test_fp8_linear_op_points_block_scales_to_the_block_op(key):
+    weight, weight_scale = quantized_layer(key, 256, 576)
+    with pytest.raises(ValueError, match=r"weight_scale of shape \(2, 5\) .* run on W8A8BlockFp8LinearOp"):
+        w8a8_jax.Fp8LinearOp().apply(jnp.ones((3, 576), jnp.bfloat16), weight, weight_scale)
+
+
 def test_op_group_must_be_the_weight_blocks_bk():
     with pytest.raises(ValueError, match=r"act_quant_group_shape must be \(1, 128\)"):
         w8a8_jax.W8A8BlockFp8LinearOp((128, 128), (1, 64))

@@ -194,6 +194,11 @@ class Fp8LinearOp:
             out_dtype = input.dtype if not dtypes.is_fp8(input.dtype) else np.dtype("bfloat16")
         out_dtype = validation.check_out_dtype(out_dtype)
         weight_scale = validation.as_scale("weight_scale", weight_scale)
+        if weight_scale.ndim == 2 and weight_scale.shape[1] > 1:
+            raise ValueError(
+                f"weight_scale of shape {tuple(weight_scale.shape)} holds several scales per output channel: block "
+                "scales run on W8A8BlockFp8LinearOp; Fp8LinearOp takes (1,) or (N, 1)"
+            )
         validation.check_row_scale("weight_scale", weight_scale, n, "output channel")
         validation.check_scale_values("weight_scale", weight_scale)
         if input_scale is not None:

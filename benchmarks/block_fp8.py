@@ -147,7 +147,7 @@ def bytes_label(nbytes: int) -> str:
 
 
 def kblocks(k: int) -> int:
-    return quantization.num_groups(k, BLOCK[1])
+    return layout.num_blocks(k, BLOCK[1])
 
 
 def min_bytes(path: str, m: int, k: int, n: int) -> int:
@@ -157,7 +157,7 @@ def min_bytes(path: str, m: int, k: int, n: int) -> int:
         return 2 * (m * k + n * k) + out
     if path in ("xla_per_channel_fp8", "torch_rowwise_fp8"):
         return m * k + n * k + 4 * (m + n) + out
-    return m * k + n * k + 4 * (m * kblocks(k) + quantization.num_groups(n, BLOCK[0]) * kblocks(k)) + out
+    return m * k + n * k + 4 * (m * kblocks(k) + layout.num_blocks(n, BLOCK[0]) * kblocks(k)) + out
 
 
 def peak_tflops(path: str) -> float:

@@ -59,7 +59,7 @@ def quant_dynamic_per_token(x, scale_ub=None, fp8_dtype=ml_dtypes.float8_e4m3fn)
 
 def quant_per_token_group(x, group, fp8_dtype=ml_dtypes.float8_e4m3fn, eps=1e-10, ue8m0=False):
     """(codes (M, K), scales (M, ceil(K / group))): per row and group, s = max(amax, eps) / max in
-    float32, rounded up to a power of two with `ue8m0`; codes fp8(clamp(x / s))."""
+    float32, with `ue8m0` floored at 1e-10 and rounded up to a power of two; codes fp8(clamp(x / s))."""
     x = to_np(x).astype(np.float32)
     fp8_max = np.float32(FP8_MAX[np.dtype(fp8_dtype)])
     groups = -(-x.shape[1] // group)
@@ -68,8 +68,8 @@ def quant_per_token_group(x, group, fp8_dtype=ml_dtypes.float8_e4m3fn, eps=1e-10
     for g in range(groups):
         part = x[:, g * group : (g + 1) * group]
         scale = np.maximum(finite_amax(part, axis=1), np.float32(eps)) / fp8_max
-        if ue8m0:
-            scale = (2.0 ** np.ceil(np.log2(scale.astype(np.float64)))).astype(np.float32)
+        if ue8m0:  # vLLM: exp2(ceil(log2(max(s, 1e-10))))
+            scale = (2.0 ** np.ceil(np.log2(np.maximum(scale.astype(np.float64), 1e-10)))).astype(np.float32)
         scales[:, g] = scale[:, 0]
         codes[:, g * group : (g + 1) * group] = fp8_cast(part / scale, fp8_dtype)
     return codes, scales

@@ -23,7 +23,7 @@ def activations(key, m, k, dtype=jnp.float32):
     """Rows of mixed magnitude with an outlier group (30x the rest) and an all-zero group."""
     x = jax.random.normal(key, (m, k), jnp.float32) * jnp.exp(jax.random.normal(jax.random.fold_in(key, 1), (m, 1)))
     x = x.at[:, : min(k, 128)].multiply(30.0)
-    if k > 128:
+    if k >= 384:  # never the last group, whose (partial) block must carry data
         x = x.at[:, 128:256].set(0.0)
     return x.astype(dtype)
 
@@ -70,7 +70,21 @@ def test_group_quant_ue8m0_scales_are_powers_of_two_rounded_up(key):
     mantissa, _ = np.frexp(np.asarray(scale))
     assert (mantissa == 0.5).all()
     _, plain = w8a8_jax.per_token_group_quant_fp8(x, 128, fp8_dtype=E4M3)
-    assert (np.asarray(scale) >= np.asarray(plain)).all() and (np.asarray(scale) < 2 * np.asarray(plain)).all()
+    scale, plain = np.asarray(scale), np.asarray(plain)
+    assert (scale >= plain).all()
+    unfloored = plain >= 1e-10  # the all-zero group's scale is floored first (next test)
+    assert unfloored.sum() > unfloored.size // 2 and (scale[unfloored] < 2 * plain[unfloored]).all()
+
+
+def test_group_quant_ue8m0_floors_tiny_scales_at_1e_10_first(key):
+    """vLLM rounds max(s, 1e-10) up to a power of two: a tiny group gets 2^-33, not its own power."""
+    x = jnp.zeros((2, 256), jnp.float32).at[0, :128].set(1e-9).at[1, :128].set(1.0)
+    q, scale = w8a8_jax.per_token_group_quant_fp8(x, 128, use_ue8m0=True, fp8_dtype=E4M3)
+    np.testing.assert_array_equal(np.asarray(scale)[:, 1], np.float32(2.0**-33))  # all-zero groups
+    assert np.asarray(scale)[0, 0] == np.float32(2.0**-33) and np.asarray(scale)[1, 0] == np.float32(2.0**-8)
+    want_q, want_scale = reference.quant_per_token_group(x, 128, ue8m0=True)
+    reference.assert_bit_identical(q, want_q)
+    reference.assert_bit_identical(scale, want_scale)
 
 
 def test_group_quant_eps_floors_an_all_zero_group_and_leading_dims_are_kept(key):
@@ -402,6 +416,8 @@ def test_fp8_linear_op_points_block_scales_to_the_block_op(key):
 
 
 def test_op_group_must_be_the_weight_blocks_bk():
+    with pytest.raises(ValueError, match="no block-scaled fp8 kernel runs on this device"):
+        w8a8_jax.W8A8BlockFp8LinearOp(fused_supported=True)  # none on CPU (nor, yet, on Hopper)
     with pytest.raises(ValueError, match=r"act_quant_group_shape must be \(1, 128\)"):
         w8a8_jax.W8A8BlockFp8LinearOp((128, 128), (1, 64))
     op = w8a8_jax.W8A8BlockFp8LinearOp((64, 256), (1, 256))

@@ -101,7 +101,7 @@ def xla_block_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, block_size, bias,
 def _xla_block(qinput, weight, scale_a, scale_b, bias, *, block_size, out_dtype):
     (m, k), n = qinput.shape, weight.shape[0]
     bn, bk = block_size
-    blocks = quantization.num_groups(k, bk)
+    blocks = layout.num_blocks(k, bk)
     pad = blocks * bk - k
     if pad:  # zero codes add nothing to the last block's product
         qinput, weight = (jnp.pad(x, ((0, 0), (0, pad))) for x in (qinput, weight))
@@ -111,7 +111,7 @@ def _xla_block(qinput, weight, scale_a, scale_b, bias, *, block_size, out_dtype)
     rows = max(1, PARTIAL_PRODUCT_BYTES // (blocks * n * 4))
     if m <= rows:
         return _block_rows(a, w, scale_a, column_scale, bias, out_dtype)
-    chunks = quantization.num_groups(m, rows)
+    chunks = layout.num_blocks(m, rows)
     a = jnp.pad(a, ((0, chunks * rows - m), (0, 0), (0, 0))).reshape(chunks, rows, blocks, bk)
     scale_a = jnp.pad(scale_a, ((0, chunks * rows - m), (0, 0)), constant_values=1).reshape(chunks, rows, blocks)
     out = jax.lax.map(lambda chunk: _block_rows(chunk[0], w, chunk[1], column_scale, bias, out_dtype), (a, scale_a))

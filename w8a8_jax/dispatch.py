@@ -182,10 +182,15 @@ def _block_plan(block_size, m, k, n, input_dtype, weight_dtype, out_dtype, kerne
         quant_why = "quantized inside the block GEMM kernel"
     else:
         quantizer, quant_why = QUANTIZE_PER_TOKEN_GROUP, f"per token in groups of {block_size[1]}: the XLA formula"
+    # M decides the CUDA formulation and may decide the kernel's `supports`.
+    depends_on_rows = scaled_mm.fp8_dot_is_cublas(weight_dtype) or (
+        kernel is not None and kernel.block_scaled_mm is not None
+    )
     return Plan(
         quantizer,
         gemm,
         f"GEMM: {why}; quantizer: {quant_why}",
         kernel if takes else None,
+        depends_on_rows,
         block_size=tuple(block_size),
     )

@@ -5,6 +5,11 @@
 CONTRACT_K = (((1,), (1,)), ((), ()))
 
 
+def num_blocks(size: int, block: int) -> int:
+    """How many blocks (or groups) of `block` cover `size`, the last one partial: `ceil(size / block)`."""
+    return -(-size // block)
+
+
 def round_up(value: int, multiple: int) -> int:
     """The smallest multiple of `multiple` that is >= `value`."""
-    return -(-value // multiple) * multiple
+    return num_blocks(value, multiple) * multiple

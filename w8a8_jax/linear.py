@@ -321,8 +321,8 @@ class W8A8BlockFp8LinearOp:
                 f"act_quant_group_shape must be (1, {self.block_size[1]}): one scale per token and group of the "
                 f"weight block's bk={self.block_size[1]}, got {act_quant_group_shape!r}"
             )
-        if fused_supported and not platform.fused_fp8_supported():
-            raise ValueError("fused_supported=True, but no fused fp8 kernel runs on this device")
+        if fused_supported and getattr(platform.fused_kernel(), "block_scaled_mm", None) is None:
+            raise ValueError("fused_supported=True, but no block-scaled fp8 kernel runs on this device")
         self._fused_request = fused_supported
         self.pad_output = True if pad_output is None else pad_output
         self.scheme = Fp8Scheme("block", block_size=self.block_size, fused=fused_supported)
@@ -338,7 +338,7 @@ class W8A8BlockFp8LinearOp:
         weight_scale = validation.as_scale("weight_scale", weight_scale)
         validation.check_block_scale("weight_scale", weight_scale, n, k, self.block_size, "weight")
         validation.check_scale_values("weight_scale", weight_scale)
-        lead, groups = tuple(input.shape[:-1]), quantization.num_groups(k, self.block_size[1])
+        lead, groups = tuple(input.shape[:-1]), layout.num_blocks(k, self.block_size[1])
         rows = math.prod(lead)
         if dtypes.is_fp8(input.dtype):
             if input.dtype != weight.dtype:

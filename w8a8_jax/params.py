@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from w8a8_jax import dtypes, platform, quantization, validation, weight_utils
+from w8a8_jax import dtypes, layout, platform, quantization, validation, weight_utils
 from w8a8_jax import scheme as scheme_lib
 from w8a8_jax.scheme import Fp8Scheme
 
@@ -52,7 +52,7 @@ class Fp8Params:
         if block_size is not None:
             block_size = scheme_lib.check_block_size(block_size)
             k = weight.shape[-1]
-            blocks = (quantization.num_groups(n, block_size[0]), quantization.num_groups(k, block_size[1]))
+            blocks = (layout.num_blocks(n, block_size[0]), layout.num_blocks(k, block_size[1]))
             if tuple(weight_scale.shape) != (*lead, *blocks):
                 raise ValueError(
                     f"weight_scale of {block_size[0]}x{block_size[1]}-block weights {tuple(weight.shape)} must be "

@@ -7,13 +7,14 @@ For a fp8 dtype with clamp bound `max` (448 for e4m3fn, 224 for e4m3fnuz):
       s_m = max(min(amax_m, scale_ub) / max, 1 / (max * 512)), one per row
   dynamic per-token group:     q = fp8(clamp(x / s_mg, -max, max))
       s_mg = max(amax_mg, eps) / max, one per row and group of G along K (the last group may be
-      partial), optionally rounded up to a power of two (UE8M0); vLLM's `per_token_group_quant_fp8`
+      partial), optionally floored at 1e-10 and rounded up to a power of two (UE8M0); vLLM's `per_token_group_quant_fp8`
 All arithmetic is float32; the cast rounds to nearest even. Codes are bit-identical to vLLM's CUDA
 kernels for the same scale.
 
 Weights: per tensor and per channel as the dynamic per-tensor and per-token formulas; in blocks of
-`(bn, bk)` as the per-token formula on each block, `s_b = amax_b / max` (the floor for an all-zero
-block), `q = fp8(clamp(w / s_b))`.
+`(bn, bk)` with the dynamic per-tensor scale of each block, `s_b = amax_b / max` (`scale_from_amax`:
+the floor only where that is no normal float32, e.g. an all-zero block), and codes by division,
+`q = fp8(clamp(w / s_b))`.
 
 Non-finite inputs stay where they are: the amax is taken over the finite values only (`finite_amax`),
 so a scale is always finite and > 0; a NaN element becomes a NaN code (its token's outputs are NaN)
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from w8a8_jax import dispatch, dtypes, platform, validation
+from w8a8_jax import dispatch, dtypes, layout, platform, validation
 from w8a8_jax import scheme as scheme_lib
 from w8a8_jax.platform import FusedKernel
 
@@ -129,8 +130,9 @@ def quantize_per_token(
     return _to_fp8(true_divide(x, scale), fp8_dtype), scale
 
 
-# vLLM's default floor on a group's amax.
+# vLLM's default floor on a group's amax, and its floor on a scale it rounds to a power of two.
 GROUP_EPS = 1e-10
+UE8M0_SCALE_FLOOR = 1e-10
 
 
 def round_up_to_power_of_two(scale: jax.Array) -> jax.Array:
@@ -140,13 +142,8 @@ def round_up_to_power_of_two(scale: jax.Array) -> jax.Array:
     return jnp.ldexp(jnp.ones_like(scale), exponent)
 
 
-def num_groups(size: int, group: int) -> int:
-    """How many groups (or blocks) of `group` cover `size`, the last one partial: `ceil(size / group)`."""
-    return -(-size // group)
-
-
 def _pad_last(x: jax.Array, multiple: int) -> jax.Array:
-    pad = num_groups(x.shape[-1], multiple) * multiple - x.shape[-1]
+    pad = layout.num_blocks(x.shape[-1], multiple) * multiple - x.shape[-1]
     return jnp.pad(x, ((0, 0), (0, pad))) if pad else x
 
 
@@ -157,25 +154,22 @@ def quantize_per_token_group(
     *,
     eps: float = GROUP_EPS,
     use_ue8m0: bool = False,
-    reduce_amax: AmaxReduce | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`x (M, K)` float -> codes `(M, K)` fp8 and scales `(M, ceil(K / group_size))` float32.
 
     One scale per row and group of `group_size` consecutive elements along K, the last group
-    partial where K is not a multiple. `reduce_amax` combines each `(M, G)` amax with other shards'
-    (a row-parallel layer's K shards hold whole groups).
+    partial where K is not a multiple. (A row-parallel layer's K shards hold whole groups, so each
+    shard quantizes its own, with no reduction across shards.)
     """
     m, k = x.shape
-    groups = num_groups(k, group_size)
+    groups = layout.num_blocks(k, group_size)
     x = x.astype(jnp.float32)
     if groups > 1:  # one group stays 2-D: (M, K) rows, the layout a kernel's tile has
         x = _pad_last(x, group_size).reshape(m, groups, group_size)  # zeros leave an amax
     amax = finite_amax(x, axis=x.ndim - 1)  # (M, G, 1) or (M, 1)
-    if reduce_amax is not None:
-        amax = reduce_amax(amax)
     scale = true_divide(jnp.maximum(amax, jnp.float32(eps)), jnp.float32(dtypes.fp8_max(fp8_dtype)))
-    if use_ue8m0:
-        scale = round_up_to_power_of_two(scale)
+    if use_ue8m0:  # vLLM floors the scale at 1e-10 before rounding it to a power of two
+        scale = round_up_to_power_of_two(jnp.maximum(scale, jnp.float32(UE8M0_SCALE_FLOOR)))
     codes = _to_fp8(true_divide(x, scale), fp8_dtype).reshape(m, -1)
     return codes[:, :k], scale.reshape(m, groups)
 
@@ -200,7 +194,7 @@ def dequantize_weight(weight: jax.Array, weight_scale: jax.Array, block_size: tu
 def quantize_block_weight(weight: jax.Array, block_size: tuple[int, int], fp8_dtype) -> tuple[jax.Array, jax.Array]:
     """A float weight `(N, K)` -> codes `(N, K)` fp8 and scales `(ceil(N / bn), ceil(K / bk))` float32."""
     (n, k), (bn, bk) = weight.shape, block_size
-    row_blocks, col_blocks = num_groups(n, bn), num_groups(k, bk)
+    row_blocks, col_blocks = layout.num_blocks(n, bn), layout.num_blocks(k, bk)
     padded = _pad_last(weight.astype(jnp.float32), bk)
     padded = jnp.pad(padded, ((0, row_blocks * bn - n), (0, 0))).reshape(row_blocks, bn, col_blocks, bk)
     amax = jnp.max(finite_amax(padded, axis=3), axis=1)[..., 0]  # (row_blocks, col_blocks)
@@ -262,8 +256,8 @@ def quantize_weight(
 
     The scale is `amax / fp8_max` over the whole weight (`(1,)`, "per_tensor"), over each output
     channel (`(N, 1)`, "per_channel"), or over each `block_size` block (`(ceil(N / bn), ceil(K /
-    bk))`, "block"): vLLM's online weight quantization (the dynamic per-tensor formula, or the
-    per-token one on the `(N, K)` rows or blocks). A concrete weight must be finite (a NaN or Inf
+    bk))`, "block"): vLLM's online weight quantization (the dynamic per-tensor formula, the
+    per-token one on the `(N, K)` rows, or the per-tensor scale of each block with codes by division). A concrete weight must be finite (a NaN or Inf
     would silently shrink or skip its scale); `name` names it in the errors.
     """
     weight = jnp.asarray(weight)
@@ -344,7 +338,7 @@ def per_token_group_quant_fp8(
     `per_token_group_quant_fp8` (the activations of DeepSeek-V3-style block fp8 layers).
 
     `s = max(amax(|group|), eps) / fp8_max` per token and group (the last group partial where K is
-    not a multiple), rounded up to a power of two with `use_ue8m0`; `q = fp8(clamp(x / s))` with
+    not a multiple), with `use_ue8m0` floored at 1e-10 and rounded up to a power of two; `q = fp8(clamp(x / s))` with
     correctly rounded division. Codes and scales are bit-identical to vLLM's kernel's.
 
     Args:
@@ -353,7 +347,7 @@ def per_token_group_quant_fp8(
       eps: floor on a group's amax (vLLM's default 1e-10), finite and > 0.
       column_major_scales: accepted for vLLM's signature; a JAX array has no strides, so the scales
         are the same `(..., ceil(K / G))` array either way (XLA picks their layout).
-      use_ue8m0: round each scale up to a power of two (DeepGEMM's UE8M0 scales).
+      use_ue8m0: round each scale, floored at 1e-10, up to a power of two (DeepGEMM's UE8M0 scales).
       fp8_dtype: float8_e4m3fn or float8_e4m3fnuz; default the platform's.
 
     Returns:
@@ -363,7 +357,7 @@ def per_token_group_quant_fp8(
     if input.ndim < 1 or input.shape[-1] == 0:
         raise ValueError(f"input must be (..., K) with K >= 1, got shape {tuple(input.shape)}")
     validation.check_group_size("group_size", group_size)
-    if not (isinstance(eps, int | float) and np.isfinite(eps) and eps > 0):
+    if isinstance(eps, bool) or not (isinstance(eps, int | float | np.floating) and np.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
     del column_major_scales
     fp8_dtype = platform.resolve_fp8_dtype(fp8_dtype)

@@ -130,7 +130,8 @@ def check_block_size(block_size) -> tuple[int, int]:
     """`block_size` as `(bn, bk)`, two ints >= 1 (any sequence of two, e.g. a JSON list)."""
     try:
         bn, bk = (int(v) for v in block_size)
-        valid = all(int(v) == v for v in block_size) and bn >= 1 and bk >= 1
+        valid = not any(isinstance(v, bool) for v in block_size) and all(int(v) == v for v in block_size)
+        valid = valid and bn >= 1 and bk >= 1
     except (TypeError, ValueError):
         valid = False
     if not valid:

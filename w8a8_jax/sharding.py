@@ -69,6 +69,9 @@ def param_specs(params: Fp8Params, axis_name: str, mode: Mode, *, block_size=Non
 def shard_params(layer, mesh: Mesh, axis_name: str, mode: Mode, *, scheme: Fp8Scheme | None = None) -> Fp8Params:
     """Places an `Fp8Dense`'s parameters (an nnx `Fp8Dense`, `Fp8Params` or a dict) on `mesh` per `param_specs`."""
     if scheme is None and not isinstance(layer, fp8_nnx.Fp8Dense):
+        scale = layer.weight_scale if isinstance(layer, Fp8Params) else layer["weight_scale"]
+        if scale.ndim == 2 and scale.shape[1] > 1:
+            raise ValueError("block-scaled parameters need their scheme= (its block_size says how they may split)")
         scheme = Fp8Scheme()  # the specs of per-tensor and per-channel scales need no more
     params, scheme = _params_and_scheme(layer, scheme)
     _check_block_split(params, scheme, mesh, axis_name, mode)
@@ -84,7 +87,7 @@ def _check_block_split(params: Fp8Params, scheme: Fp8Scheme, mesh: Mesh, axis_na
     devices = mesh.shape[axis_name]
     (n, k), (bn, bk) = params.weight.shape[-2:], scheme.block_size
     size, block, dim = (n, bn, "N") if mode == "column" else (k, bk, "K")
-    if size % devices or (size // devices) % block:
+    if devices > 1 and (size % devices or (size // devices) % block):
         raise ValueError(
             f"{mode}-parallel block fp8: {dim}={size} over {devices} devices of '{axis_name}' gives shards of "
             f"{size / devices:g}, which must be a multiple of the weight block's {'bn' if dim == 'N' else 'bk'}={block}"

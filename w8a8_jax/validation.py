@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from w8a8_jax import dtypes
+from w8a8_jax import dtypes, layout
 
 
 def _dtype_name(dtype) -> str:
@@ -100,7 +100,7 @@ def check_group_size(name: str, size) -> int:
 def check_block_scale(name: str, scale: jax.Array, rows: int, cols: int, block_size, what: str) -> None:
     """`scale` must hold one value per `block_size` block of a `(rows, cols)` array:
     `(ceil(rows / b0), ceil(cols / b1))`."""
-    expected = (-(-rows // block_size[0]), -(-cols // block_size[1]))
+    expected = (layout.num_blocks(rows, block_size[0]), layout.num_blocks(cols, block_size[1]))
     if tuple(scale.shape) != expected:
         raise ValueError(
             f"{name} must be {expected}, one per {block_size[0]}x{block_size[1]} block of {what} ({rows}, {cols}), "

@@ -182,3 +182,15 @@ def test_block_split_that_cuts_a_block_is_refused(key, mesh):
         sharding.column_parallel(x, layer, mesh=mesh, axis_name="tp")
     with pytest.raises(ValueError, match=r"row-parallel block fp8: K=512 over 8 devices"):
         sharding.row_parallel(x, layer, mesh=mesh, axis_name="tp")
+
+
+def test_block_layer_of_partial_blocks_runs_on_one_device_and_dicts_need_their_scheme(key):
+    kernel, bias, x = float_layer(key, 200, 130)
+    layer = fp8_nnx.Fp8Dense.from_dense(kernel, bias, weight_granularity="block", fp8_dtype=FP8)
+    one = Mesh(np.array(jax.devices()[:1]), ("tp",))
+    want = np.asarray(layer(x), np.float64).reshape(-1, 130)
+    for parallel in (sharding.column_parallel, sharding.row_parallel):
+        out = jax.jit(lambda x, parallel=parallel: parallel(x, layer, mesh=one, axis_name="tp"))(x)
+        reference.assert_gemm_close(np.asarray(out).reshape(-1, 130), want, 200, jnp.float32)
+    with pytest.raises(ValueError, match="block-scaled parameters need their scheme="):
+        sharding.shard_params(layer.params.to_dict(), one, "tp", "row")

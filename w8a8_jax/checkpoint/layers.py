@@ -22,7 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from w8a8_jax import quantization, validation
+from w8a8_jax import layout, quantization, validation
 from w8a8_jax.checkpoint.config import QuantizationConfig
 from w8a8_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
 from w8a8_jax.params import Fp8Params
@@ -133,7 +133,7 @@ def _read_weight_scale(
     rows, cols = weight_shape
     if config.is_block:
         (bn, bk) = config.block_size
-        allowed = [(quantization.num_groups(rows, bn), quantization.num_groups(cols, bk))]
+        allowed = [(layout.num_blocks(rows, bn), layout.num_blocks(cols, bk))]
         need = f"{allowed[0]} (ceil(N / {bn}), ceil(K / {bk}))"
         what = f"{bn}x{bk}-block weights"
     else:

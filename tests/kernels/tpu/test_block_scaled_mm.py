@@ -17,7 +17,7 @@ import pytest
 
 import w8a8_jax
 from tests.kernels.tpu.conftest import INTERPRET
-from w8a8_jax import dispatch, platform, quantization
+from w8a8_jax import dispatch, layout, platform, quantization
 from w8a8_jax.kernels import tpu
 from w8a8_jax.kernels.tpu import BlockSizes, tuned_block_sizes
 from w8a8_jax.kernels.tpu import block_scaled_mm as tpu_block
@@ -106,7 +106,7 @@ def block_operands(key, m, k, n, block, *, with_bias, fp8_dtype=E4M3):
     """Codes and scales of distinct magnitudes per block (a wrong block index changes the result),
     an outlier first activation group (its scales 30x) and an all-zero second one."""
     (bn, bk), ks = block, jax.random.split(key, 5)
-    kb, nb = quantization.num_groups(k, bk), quantization.num_groups(n, bn)
+    kb, nb = layout.num_blocks(k, bk), layout.num_blocks(n, bn)
     q_a, q_w = codes(ks[0], (m, k), fp8_dtype), codes(ks[1], (n, k), fp8_dtype)
     scale_a = jax.random.uniform(ks[2], (m, kb), minval=0.5, maxval=2.0) * 1e-2
     scale_b = jax.random.uniform(ks[3], (nb, kb), minval=0.5, maxval=2.0) * 1e-3
@@ -121,7 +121,7 @@ def activations(key, m, k, dtype, group=128):
     """Float rows whose groups differ in magnitude over 3 decades, with an outlier first group (30x
     the row's largest other group) and an all-zero second group."""
     ks = jax.random.split(key, 2)
-    groups = quantization.num_groups(k, group)
+    groups = layout.num_blocks(k, group)
     magnitude = 10.0 ** jax.random.uniform(ks[0], (m, groups), minval=-2, maxval=1)
     if groups > 1:
         magnitude = magnitude.at[:, 0].set(30.0 * magnitude[:, 1:].max(axis=1))
@@ -264,7 +264,7 @@ def test_in_kernel_codes_and_scales_are_exact(key, monkeypatch, x_dtype, generat
     m, k = 33, 576
     x = activations(key, m, k, x_dtype)
     identity = jnp.eye(k, dtype=jnp.float32).astype(E4M3)
-    unit = jnp.ones((quantization.num_groups(k, 128),) * 2, jnp.float32)
+    unit = jnp.ones((layout.num_blocks(k, 128),) * 2, jnp.float32)
     out = tpu.fused_quant_block_scaled_mm(
         x, identity, unit, BLOCK, out_dtype=jnp.float32, blocks=SMALL, generation=generation, interpret=INTERPRET
     )
@@ -327,7 +327,7 @@ def test_op_runs_the_tpu_block_kernels_and_matches_xla(key):
         out_codes = op.apply(q_x, weight, weight_scale, input_scale=s_x, bias=bias, out_dtype=jnp.float32)
         # bn = 64: no tile_n (a multiple of 128) divides it.
         narrow = w8a8_jax.W8A8BlockFp8LinearOp(weight_group_shape=(64, 128))
-        narrow_scale = jnp.ones((n // 64, quantization.num_groups(k, 128)), jnp.float32)
+        narrow_scale = jnp.ones((n // 64, layout.num_blocks(k, 128)), jnp.float32)
         assert narrow.plan(x, weight, narrow_scale).gemm == dispatch.XLA_BLOCK_GEMM
     assert calls == ["fused_quant_block_scaled_mm", "w8a8_block_scaled_mm"], calls
     f32_rounding = tolerance(k, jnp.float32)

@@ -235,7 +235,7 @@ def plan_block_gemm(
     block_size = scheme_lib.check_block_size(block_size)
     smem = tuned_block_sizes.block_scales_smem_bytes(n, k, block_size)
     if smem > tuned_block_sizes.smem_budget(gen):
-        shape = (quantization.num_groups(n, block_size[0]), quantization.num_groups(k, block_size[1]))
+        shape = (layout.num_blocks(n, block_size[0]), layout.num_blocks(k, block_size[1]))
         raise ValueError(
             f"the weight scales {shape} need {smem} bytes of SMEM, over the {tuned_block_sizes.smem_budget(gen)} "
             f"byte budget on TPU {gen.name} (N={n}, K={k}, block_size {block_size})"
@@ -363,7 +363,7 @@ def fused_quant_block_scaled_mm(
     # The weight side checked by the codes path's checks; the activation's codes and group scales
     # are made in the kernel, so they stand in as placeholders of their shapes.
     placeholder_codes = jax.ShapeDtypeStruct((m, k), weight.dtype)
-    unit_scales = jnp.ones((m, quantization.num_groups(k, block_size[1])), jnp.float32)
+    unit_scales = jnp.ones((m, layout.num_blocks(k, block_size[1])), jnp.float32)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _, weight_scale, block_size, bias, out_dtype = block_lib.check_block_gemm_operands(
         placeholder_codes, weight, unit_scales, weight_scale, block_size, bias, out_dtype

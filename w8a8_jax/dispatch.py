@@ -24,6 +24,7 @@ schemes (`Plan.block_size` set) "xla_block_w8a8_scaled_mm" or "xla_block_dequant
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from w8a8_jax import dtypes, scaled_mm
@@ -167,8 +168,16 @@ def _block_plan(block_size, m, k, n, input_dtype, weight_dtype, out_dtype, kerne
         takes, why = True, "the block kernel takes the shape"
     if takes:
         gemm = KERNEL_BLOCK_SCALED_MM
-    elif scaled_mm.fp8_dot_is_cublas(weight_dtype) and m * n >= BLOCK_DEQUANT_MIN_OUTPUTS:
-        gemm, why = XLA_BLOCK_DEQUANT_GEMM, f"{why}: M x N = {m * n} outputs, XLA's dequantized block GEMM"
+    elif scaled_mm.fp8_dot_is_cublas(weight_dtype):
+        if m * n >= BLOCK_DEQUANT_MIN_OUTPUTS:
+            gemm, why = XLA_BLOCK_DEQUANT_GEMM, f"{why}: M x N = {m * n} outputs, XLA's dequantized block GEMM"
+        else:
+            gemm, why = XLA_BLOCK_GEMM, f"{why}: XLA's per-k-block fp8 GEMMs"
+    elif jax.default_backend() == "cpu":
+        # XLA:CPU upcasts and transposes the whole weight for the batched per-k-block products on
+        # every call: 5-20x slower than one float32 GEMM of the dequantized operands (M <= 512,
+        # K x N = 576 x 1536, benchmarks/NOTES.md).
+        gemm, why = XLA_BLOCK_DEQUANT_GEMM, f"{why}: on CPU, XLA's dequantized block GEMM"
     else:
         gemm, why = XLA_BLOCK_GEMM, f"{why}: XLA's per-k-block fp8 GEMMs"
     if dtypes.is_fp8(input_dtype):

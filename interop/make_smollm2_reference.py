@@ -38,6 +38,9 @@ PROMPTS = [
     ("Write a short poem about the sea.", True),
     ("The history of the printing press begins in", False),
     ("def fibonacci(n):\n", False),
+    # Continuations the model is sure of for several tokens: fp8's agreement is tested on them.
+    ("A, B, C, D, E, F, G,", False),
+    ("The United States of America declared its independence in", False),
 ]
 NEW_TOKENS = 32
 TOP_K = 64

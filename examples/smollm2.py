@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
 from w8a8_jax import cli
 from w8a8_jax.models import generate, hf_checkpoint, schemes, smollm2
@@ -58,10 +59,10 @@ def fp8_model(source, scheme: str, *, dtype=jnp.float32, via_checkpoint: str | P
     command = ["quantize", str(float_dir), str(fp8_dir), *schemes.scheme(scheme).cli_options(), "--overwrite"]
     if static:
         inputs = work / "calibration_inputs.safetensors"
-        from safetensors.numpy import save_file
-
         float_model = hf_checkpoint.load_llama(float_dir)
-        save_file(schemes.linear_inputs(float_model, calibration_batches(source.tokenizer)), str(inputs))
+        partial = inputs.with_suffix(".partial")  # renamed into place once complete
+        save_file(schemes.linear_inputs(float_model, calibration_batches(source.tokenizer)), str(partial))
+        partial.replace(inputs)
         command += ["--calibrate", str(inputs)]
     print(f"$ w8a8-jax {' '.join(command)}")
     if cli.main([*command, "--no-progress"]) != 0:

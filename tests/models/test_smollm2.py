@@ -152,3 +152,29 @@ def test_fp8_perplexity_on_the_held_text(source, float_generator, fp8_generator)
 
 def _layers(model):
     return [node for _, _, node in module_tree.find_layers(model, (Fp8Dense,))]
+
+
+def test_block_checkpoint_from_the_command_line_loads_bit_identical(source, tmp_path):
+    """Float safetensors -> `w8a8-jax quantize --weights block` -> `load_llama`: every layer's codes
+    and scales are the in-memory converter's, bit for bit (one quantization formula)."""
+    from w8a8_jax import cli
+
+    float_dir, fp8_dir = tmp_path / "float", tmp_path / "fp8"
+    hf_checkpoint.save_llama(float_dir, source.config, source.tensors)
+    assert (
+        cli.main(["quantize", str(float_dir), str(fp8_dir), *schemes.scheme("block").cli_options(), "--no-progress"])
+        == 0
+    )
+    loaded = hf_checkpoint.load_llama(fp8_dir)
+    converted = hf_checkpoint.llama_from_tensors(source.config, source.tensors)
+    schemes.quantize(converted, "block")
+    pairs = list(zip(_layers(loaded), _layers(converted), strict=True))
+    assert len(pairs) == 210
+    for got, want in pairs:
+        np.testing.assert_array_equal(
+            np.asarray(got.weight[...]).view(np.uint8), np.asarray(want.weight[...]).view(np.uint8)
+        )
+        np.testing.assert_array_equal(np.asarray(got.weight_scale[...]), np.asarray(want.weight_scale[...]))
+    np.testing.assert_array_equal(
+        np.asarray(loaded.embed_tokens.embedding[...]), source.tensors["model.embed_tokens.weight"]
+    )

@@ -167,3 +167,67 @@ def assert_codes_identical(got, want) -> None:
         f"NaN codes at {np.argwhere(got_nan != want_nan)[:4]}"
     )
     assert_bit_identical(got[~want_nan], want[~want_nan])
+
+
+def _rms_norm(x: np.ndarray, weight, eps: float) -> np.ndarray:
+    """float64 `weight * x / sqrt(mean(x^2) + eps)` over the last axis."""
+    return np.asarray(weight, np.float64) * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def rope_half_split(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """float64 rotary embedding of `x (T, heads, D)` at `positions (T,)`: pair `(i, i + D/2)` turns
+    by `angle = pos / theta^(2i/D)` to `[x1 cos - x2 sin, x2 cos + x1 sin]`."""
+    x = np.asarray(x, np.float64)
+    dim = x.shape[-1]
+    out = np.empty_like(x)
+    for t, pos in enumerate(np.asarray(positions)):
+        for i in range(dim // 2):
+            angle = float(pos) / float(theta) ** (2.0 * i / dim)
+            c, s = np.cos(angle), np.sin(angle)
+            x1, x2 = x[t, :, i], x[t, :, i + dim // 2]
+            out[t, :, i] = x1 * c - x2 * s
+            out[t, :, i + dim // 2] = x2 * c + x1 * s
+    return out
+
+
+def llama_logits(tensors, config, tokens) -> np.ndarray:
+    """float64 logits `(T, vocab)` of a Llama causal decoder on `tokens (T,)` from position 0, from
+    Hugging Face-named float weights (`(N, K)` linear weights) and a config with the `LlamaConfig`
+    field names: pre-norm layers `h = x + o(attn(norm(x)))`, `h + down(silu(gate n) * up n)` with
+    `n = norm(h)`; grouped-query causal attention (query head `h` reads KV head
+    `h // (heads / kv_heads)`) with scores `q.k / sqrt(D)`; a final norm; the head `lm_head.weight`,
+    or the embedding when tied."""
+
+    def w(name):
+        return np.asarray(tensors[name], np.float64)
+
+    tokens = np.asarray(tokens)
+    length, dim = len(tokens), config.head_dim
+    heads, kv_heads, eps = config.num_attention_heads, config.num_key_value_heads, config.rms_norm_eps
+    positions = np.arange(length)
+    causal = np.tril(np.ones((length, length), bool))
+    x = w("model.embed_tokens.weight")[tokens]
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        normed = _rms_norm(x, tensors[prefix + "input_layernorm.weight"], eps)
+        q = (normed @ w(prefix + "self_attn.q_proj.weight").T).reshape(length, heads, dim)
+        k = (normed @ w(prefix + "self_attn.k_proj.weight").T).reshape(length, kv_heads, dim)
+        v = (normed @ w(prefix + "self_attn.v_proj.weight").T).reshape(length, kv_heads, dim)
+        q = rope_half_split(q, positions, config.rope_theta)
+        k = rope_half_split(k, positions, config.rope_theta)
+        attended = np.empty((length, heads, dim))
+        for head in range(heads):
+            kv = head // (heads // kv_heads)
+            scores = q[:, head] @ k[:, kv].T / np.sqrt(dim)
+            scores = np.where(causal, scores, -np.inf)
+            probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            probs /= probs.sum(axis=-1, keepdims=True)
+            attended[:, head] = probs @ v[:, kv]
+        x = x + attended.reshape(length, heads * dim) @ w(prefix + "self_attn.o_proj.weight").T
+        normed = _rms_norm(x, tensors[prefix + "post_attention_layernorm.weight"], eps)
+        gate = normed @ w(prefix + "mlp.gate_proj.weight").T
+        up = normed @ w(prefix + "mlp.up_proj.weight").T
+        x = x + (gate / (1.0 + np.exp(-gate)) * up) @ w(prefix + "mlp.down_proj.weight").T
+    x = _rms_norm(x, tensors["model.norm.weight"], eps)
+    head = w("model.embed_tokens.weight") if config.tie_word_embeddings else w("lm_head.weight")
+    return x @ head.T

@@ -159,6 +159,8 @@ class Generator:
         """Up to `max_new_tokens` new tokens per prompt, greedy (`temperature=0`, default) or sampled
         with `temperature` and `top_p`; a row stops at a token of `stop_ids` (default the config's
         eos). Prompts may differ in length: each decodes at its own positions."""
+        if not len(prompts) or min(len(prompt) for prompt in prompts) < 1:
+            raise ValueError("prompts must be a non-empty list of non-empty token lists")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:

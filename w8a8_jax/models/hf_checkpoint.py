@@ -76,7 +76,12 @@ def load_llama(directory: str | Path, *, dtype=jnp.float32) -> Llama:
     model = _empty(config, dtype)
     names = linear_names(config)
     fp8 = set(checkpoint.fp8_layer_prefixes(source)) if "quantization_config" in source.config else set()
-    _fill(model, source.tensor, {path: prefix for path, prefix in names.items() if prefix not in fp8})
+    float_linear = {path: prefix for path, prefix in names.items() if prefix not in fp8}
+    read = {EMBEDDING, *(f"{prefix}.weight" for prefix in [*norm_names(config).values(), *float_linear.values()])}
+    unused = sorted(name for name in source.names if name not in read and name.rpartition(".")[0] not in fp8)
+    if unused:
+        raise ValueError(f"{directory}: {len(unused)} tensor(s) have no place in the model: {unused[:5]}")
+    _fill(model, source.tensor, float_linear)
     if fp8:
         checkpoint.load_nnx(model, source, {path: prefix for path, prefix in names.items() if prefix in fp8})
     return model

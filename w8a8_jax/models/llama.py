@@ -163,6 +163,10 @@ class Attention(nnx.Module):
         )
         k = rope(self.k_proj(x).reshape(batch, length, kv_heads, head_dim), positions, config.rope_theta)
         v = self.v_proj(x).reshape(batch, length, kv_heads, head_dim)
+        # A masked position's weight is exactly 0, but 0 * NaN is NaN: a non-finite value would reach
+        # the earlier queries that never see it. Its key is non-finite too (one input row), so every
+        # query that does see the position still turns NaN, through its score.
+        v = jnp.where(jnp.isfinite(v), v, jnp.zeros_like(v))
         keys, values = _write(keys, k, starts), _write(values, v, starts)
         q = q.reshape(batch, length, kv_heads, groups, head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)

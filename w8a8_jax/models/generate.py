@@ -82,6 +82,9 @@ class Generator:
     ):
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
+        # The state as a flat list: jit's C++ dispatch flattens a list at once, where an nnx State
+        # costs Python calls per node on every step.
+        self._leaves, self._treedef = jax.tree.flatten(self.state)
         self.cache_length = cache_length
         self.buckets = tuple(sorted(bucket for bucket in buckets if bucket <= cache_length))
         if not self.buckets:
@@ -89,30 +92,37 @@ class Generator:
         self.cache_dtype = cache_dtype or model.embed_tokens.embedding[...].dtype
         self.pad_id = pad_id
         self.compiles = Counter()  # traces per function: one per compile
-        self._prefill = jax.jit(self._prefill_fn, donate_argnames="cache")
-        self._decode = jax.jit(self._decode_fn, donate_argnames="cache")
+        self._prefill = jax.jit(self._prefill_fn)
+        self._decode = jax.jit(self._decode_fn, donate_argnames=("keys", "values"))
         self._score = jax.jit(self._score_fn)
 
-    def _prefill_fn(self, state, tokens, lengths, cache, key, temperature, top_p):
+    def _model(self, leaves) -> Llama:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, leaves))
+
+    def _prefill_fn(self, leaves, tokens, lengths, sampling):
         self.compiles["prefill"] += 1
-        model = nnx.merge(self.graphdef, state)
+        model = self._model(leaves)
         batch, length = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        cache = KVCache.create(self.config, batch, self.cache_length, self.cache_dtype)
         hidden, cache = model(tokens, positions, cache, jnp.zeros(batch, jnp.int32))
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
         logits = model.logits(last)
-        return sample(logits, key, temperature, top_p), logits, cache
+        key, temperature, top_p = sampling
+        return sample(logits, jax.random.fold_in(key, 0), temperature, top_p), logits, cache.keys, cache.values
 
-    def _decode_fn(self, state, tokens, positions, cache, key, temperature, top_p):
+    def _decode_fn(self, leaves, tokens, positions, keys, values, sampling, step):
         self.compiles["decode"] += 1
-        model = nnx.merge(self.graphdef, state)
-        hidden, cache = model(tokens[:, None], positions[:, None], cache, positions)
+        model = self._model(leaves)
+        hidden, cache = model(tokens[:, None], positions[:, None], KVCache(keys, values), positions)
         logits = model.logits(hidden[:, 0])
-        return sample(logits, key, temperature, top_p), logits, cache
+        key, temperature, top_p = sampling
+        tokens = sample(logits, jax.random.fold_in(key, step), temperature, top_p)
+        return tokens, positions + 1, logits, cache.keys, cache.values
 
-    def _score_fn(self, state, tokens, targets):
+    def _score_fn(self, leaves, tokens, targets):
         self.compiles["score"] += 1
-        model = nnx.merge(self.graphdef, state)
+        model = self._model(leaves)
         batch, length = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         cache = KVCache.create(self.config, batch, length, self.cache_dtype)
@@ -121,6 +131,12 @@ class Generator:
         logprobs = jax.nn.log_softmax(logits, axis=-1)
         return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0], jnp.argmax(logits, axis=-1)
 
+    @staticmethod
+    def _sampling(key, temperature: float, top_p: float):
+        """`(key, temperature, top_p)` as the jitted steps take them; a step draws with
+        `fold_in(key, step)` (the prefill is step 0)."""
+        return jax.random.key(0) if key is None else key, jnp.float32(temperature), jnp.float32(top_p)
+
     def bucket(self, length: int) -> int:
         """The prefill length of a prompt of `length` tokens."""
         for bucket in self.buckets:
@@ -128,23 +144,36 @@ class Generator:
                 return bucket
         raise ValueError(f"a prompt of {length} tokens exceeds the largest bucket {self.buckets[-1]}")
 
-    def prefill(self, prompts: Sequence[Sequence[int]], *, key=None, temperature=0.0, top_p=1.0):
-        """Runs `prompts` into a fresh cache: `(first new tokens (B,), their logits (B, V), cache)`."""
+    def _prompt_batch(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """`(tokens (B, bucket) right-padded, lengths (B,))` int32."""
         lengths = np.array([len(prompt) for prompt in prompts], np.int32)
         if not len(prompts) or lengths.min() < 1:
             raise ValueError("prompts must be a non-empty list of non-empty token lists")
-        bucket = self.bucket(int(lengths.max()))
-        tokens = np.full((len(prompts), bucket), self.pad_id, np.int32)
+        tokens = np.full((len(prompts), self.bucket(int(lengths.max()))), self.pad_id, np.int32)
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = prompt
-        cache = KVCache.create(self.config, len(prompts), self.cache_length, self.cache_dtype)
-        key = jax.random.key(0) if key is None else key
-        return self._prefill(self.state, tokens, lengths, cache, key, jnp.float32(temperature), jnp.float32(top_p))
+        return tokens, lengths
 
-    def decode(self, tokens, positions, cache, *, key=None, temperature=0.0, top_p=1.0):
-        """One step: `tokens (B,)` at `positions (B,)` -> `(next tokens (B,), logits (B, V), cache)`."""
-        key = jax.random.key(0) if key is None else key
-        return self._decode(self.state, tokens, positions, cache, key, jnp.float32(temperature), jnp.float32(top_p))
+    def prefill(self, prompts: Sequence[Sequence[int]], *, key=None, temperature=0.0, top_p=1.0):
+        """Runs `prompts` into a fresh cache: `(first new tokens (B,), their logits (B, V), cache)`."""
+        token, logits, keys, values = self._prefill(
+            self._leaves, *self._prompt_batch(prompts), self._sampling(key, temperature, top_p)
+        )
+        return token, logits, KVCache(keys, values)
+
+    def decode(self, tokens, positions, cache: KVCache, *, key=None, temperature=0.0, top_p=1.0, step=1):
+        """One step: `tokens (B,)` at `positions (B,)` -> `(next tokens (B,), logits (B, V), cache)`;
+        `cache` is donated (its buffers are reused). Draws with `fold_in(key, step)`."""
+        tokens, _, logits, keys, values = self._decode(
+            self._leaves,
+            jnp.asarray(tokens, jnp.int32),
+            jnp.asarray(positions, jnp.int32),
+            cache.keys,
+            cache.values,
+            self._sampling(key, temperature, top_p),
+            step,
+        )
+        return tokens, logits, KVCache(keys, values)
 
     def generate(
         self,
@@ -173,28 +202,27 @@ class Generator:
             )
         eos = self.config.eos_token_id
         stops = set(stop_ids if stop_ids is not None else ([] if eos is None else [eos]))
-        key = jax.random.key(seed)
+        sampling = self._sampling(jax.random.key(seed), temperature, top_p)
         start = time.perf_counter()
-        token, _, cache = self.prefill(prompts, key=jax.random.fold_in(key, 0), temperature=temperature, top_p=top_p)
-        token = np.asarray(token)
+        token, _, keys, values = self._prefill(self._leaves, *self._prompt_batch(prompts), sampling)
+        token_host = np.asarray(token)
         prefill_seconds = time.perf_counter() - start
-        positions = np.array([len(prompt) for prompt in prompts], np.int32)
+        positions = jnp.asarray([len(prompt) for prompt in prompts], jnp.int32)
         outputs = [[] for _ in prompts]
         done = np.zeros(len(prompts), bool)
         steps, start = 0, time.perf_counter()
         for step in range(max_new_tokens):
             for row in np.flatnonzero(~done):
-                if int(token[row]) in stops:
+                if int(token_host[row]) in stops:
                     done[row] = True
                 else:
-                    outputs[row].append(int(token[row]))
+                    outputs[row].append(int(token_host[row]))
             if done.all() or step == max_new_tokens - 1:
                 break
-            token, _, cache = self.decode(
-                token, positions, cache, key=jax.random.fold_in(key, step + 1), temperature=temperature, top_p=top_p
+            token, positions, _, keys, values = self._decode(
+                self._leaves, token, positions, keys, values, sampling, step + 1
             )
-            token = np.asarray(token)
-            positions = positions + 1
+            token_host = np.asarray(token)
             steps += 1
         return Generation(outputs, prefill_seconds, time.perf_counter() - start, steps)
 
@@ -214,7 +242,7 @@ class Generator:
             padded_targets = np.zeros((1, window), np.int32)
             padded_inputs[0, : len(inputs)] = inputs
             padded_targets[0, :used] = targets
-            logprob, prediction = self._score(self.state, padded_inputs, padded_targets)
+            logprob, prediction = self._score(self._leaves, padded_inputs, padded_targets)
             logprobs.append(np.asarray(logprob)[0, :used])
             predictions.append(np.asarray(prediction)[0, :used])
         return np.concatenate(logprobs), np.concatenate(predictions).astype(np.int32)

@@ -175,7 +175,7 @@ def _block_plan(block_size, m, k, n, input_dtype, weight_dtype, out_dtype, kerne
             gemm, why = XLA_BLOCK_GEMM, f"{why}: XLA's per-k-block fp8 GEMMs"
     elif jax.default_backend() == "cpu":
         # XLA:CPU upcasts and transposes the whole weight for the batched per-k-block products on
-        # every call: 5-20x slower than one float32 GEMM of the dequantized operands (M <= 512,
+        # every call: 5-22x slower than one float32 GEMM of the dequantized operands (M <= 512,
         # K x N = 576 x 1536, benchmarks/NOTES.md).
         gemm, why = XLA_BLOCK_DEQUANT_GEMM, f"{why}: on CPU, XLA's dequantized block GEMM"
     else:

@@ -37,6 +37,8 @@ fi
 stamp="$venv/.installed-$(cat "$root/pyproject.toml" | cksum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ]; then
   python=$(find_python312) || exit 1
+  # The base interpreter, not a virtual environment's (an active .venv's python is on the PATH).
+  python=$("$python" -c 'import sys; print(getattr(sys, "_base_executable", sys.executable))')
   echo "setting up $venv with $("$python" --version)" >&2
   rm -rf "$venv"
   "$python" -m venv "$venv"

@@ -265,6 +265,10 @@ def test_registered_in_the_tpu_fused_kernel():
     assert kernel.quant_block_scaled_mm_supports.func is tpu.quant_block_scaled_mm_supports
 
 
+# The XLA block GEMM the plan falls back to: dequantized on CPU (where its per-k-block products are slow).
+XLA_GEMM = dispatch.XLA_BLOCK_DEQUANT_GEMM if jax.default_backend() == "cpu" else dispatch.XLA_BLOCK_GEMM
+
+
 def test_op_runs_the_tpu_block_kernels_and_matches_xla(key):
     """W8A8BlockFp8LinearOp with the TPU kernel active plans the in-kernel quantizing GEMM for float
     input and the codes GEMM for fp8 input, runs them, and matches the XLA block path within float32
@@ -283,7 +287,7 @@ def test_op_runs_the_tpu_block_kernels_and_matches_xla(key):
     q_x, s_x = quantization.quantize_per_token_group(x, 128, E4M3)
     with platform.override(fused_kernel=None):
         xla = w8a8_jax.W8A8BlockFp8LinearOp()
-        assert xla.plan(x, weight, weight_scale).gemm == dispatch.XLA_BLOCK_GEMM
+        assert xla.plan(x, weight, weight_scale).gemm == XLA_GEMM
         want_float = xla.apply(x, weight, weight_scale, bias=bias, out_dtype=jnp.float32)
         want_codes = xla.apply(q_x, weight, weight_scale, input_scale=s_x, bias=bias, out_dtype=jnp.float32)
     with platform.override(fused_kernel=kernel):
@@ -296,7 +300,7 @@ def test_op_runs_the_tpu_block_kernels_and_matches_xla(key):
         # bn = 64: no tile_n (a multiple of 128) divides it.
         narrow = w8a8_jax.W8A8BlockFp8LinearOp(weight_group_shape=(64, 128))
         narrow_scale = jnp.ones((n // 64, layout.num_blocks(k, 128)), jnp.float32)
-        assert narrow.plan(x, weight, narrow_scale).gemm == dispatch.XLA_BLOCK_GEMM
+        assert narrow.plan(x, weight, narrow_scale).gemm == XLA_GEMM
     assert calls == ["fused_quant_block_scaled_mm", "w8a8_block_scaled_mm"], calls
     f32_rounding = tolerance(k, jnp.float32)
     assert relative_error(out_float, np.asarray(want_float, np.float64)) <= f32_rounding

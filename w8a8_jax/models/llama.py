@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Hugging Face config.json keys of `LlamaConfig`'s fields that have another name there.
+# The architecture a Hugging Face config.json names for a Llama causal LM.
 _HF_ARCHITECTURE = "LlamaForCausalLM"
 
 

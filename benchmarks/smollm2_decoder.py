@@ -75,7 +75,6 @@ import statistics
 import sys
 import time
 import traceback
-from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -83,16 +82,14 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from timing import cupti_profile
 
 from w8a8_jax import dense, module_tree
 from w8a8_jax.models import generate, schemes
 from w8a8_jax.models.llama import KVCache, Llama, LlamaConfig
 from w8a8_jax.nnx import Fp8Dense
-
-try:
-    from jax.experimental.mosaic.gpu import profiler
-except ImportError:  # CUPTI figures are then null
-    profiler = None
 
 SMOLLM2_135M = LlamaConfig(
     vocab_size=49152,
@@ -156,24 +153,6 @@ SMOKE = Sizes(32, 64, (1, 2), 4, spread(5, 30), 3, 32, 16)
 # --- timing ----------------------------------------------------------------------------------------
 
 
-class AsIs:
-    """`fn` in a form `profiler.measure` runs as it is: it jits whatever is not a `jax.stages.Wrapped`
-    (a protocol: `__call__`, `trace`, `lower`), which would fold several jitted calls and their eager
-    ops into one program. So CUPTI sees the kernels of exactly the call the wall clock times."""
-
-    def __init__(self, fn):
-        self._fn = fn
-
-    def __call__(self, *args, **kwargs):
-        return self._fn(*args, **kwargs)
-
-    def trace(self, *args, **kwargs):
-        raise NotImplementedError("run as it is, not traced")
-
-    def lower(self, *args, **kwargs):
-        raise NotImplementedError("run as it is, not lowered")
-
-
 def wall_seconds(fn, reps: int) -> tuple[float, list[float]]:
     """`(median, samples)` wall-clock seconds of `fn()` (already warm), blocking each result."""
     samples = []
@@ -182,58 +161,6 @@ def wall_seconds(fn, reps: int) -> tuple[float, list[float]]:
         jax.block_until_ready(fn())
         samples.append(time.perf_counter() - start)
     return statistics.median(samples), samples
-
-
-def _cupti_failed(err: Exception, state: dict) -> None:
-    message = f"{type(err).__name__}: {str(err)[:300]}"
-    if profiler is None or "not supported" in str(err):
-        state["error"] = message  # no CUPTI here: not tried again
-    else:
-        state.setdefault("failures", []).append(message)
-
-
-def _kernel_times(fn) -> list[tuple[str, float]]:
-    """CUPTI's `(kernel name, ms)` of one `fn()` call, after a warm-up call outside CUPTI."""
-    if profiler is None:
-        raise RuntimeError("jax.experimental.mosaic.gpu.profiler could not be imported")
-    _, timings = profiler.measure(AsIs(fn), aggregate=False)()
-    if not timings:
-        raise RuntimeError("no kernel was launched")
-    return timings
-
-
-def breakdown(timings: list[tuple[str, float]], per: int, top: int = 12) -> dict:
-    """Kernel launches, seconds and the `top` kernel names by time (with launches), per `per`."""
-    seconds, launches = Counter(), Counter()
-    for name, ms in timings:
-        seconds[name] += ms / 1e3 / per
-        launches[name] += 1 / per
-    total = sum(seconds.values())
-    ranked = [
-        dict(name=name[:200], seconds=t, share=t / total if total else None, launches=launches[name])
-        for name, t in seconds.most_common(top)
-    ]
-    return dict(launches=len(timings) / per, seconds=total, distinct=len(seconds), top=ranked)
-
-
-def cupti_profile(fn, reps: int, state: dict, per: int = 1, kernels: bool = False) -> dict | None:
-    """CUPTI kernel seconds of `fn()` per `per` (steps of a loop): the median of `reps` measurements
-    (`seconds`), each one call after a warm-up call (`measure(iterations=N)` insists on the same
-    kernel order in every iteration, which several programs and eager ops on the GPU do not keep),
-    and with `kernels` the first one's `breakdown`. None where CUPTI is not there (recorded once in
-    `state["error"]`) or a measurement failed (`state["failures"]`)."""
-    if state["error"] is not None:
-        return None
-    try:
-        runs = [_kernel_times(fn) for _ in range(reps)]
-    except Exception as err:  # the wall-clock figures stand without it
-        _cupti_failed(err, state)
-        return None
-    samples = [sum(ms for _, ms in run) / 1e3 / per for run in runs]
-    out = dict(seconds=statistics.median(samples), samples=samples)
-    if kernels:
-        out["kernels"] = breakdown(runs[0], per)
-    return out
 
 
 def _seconds(profile: dict | None) -> float | None:

@@ -1,19 +1,29 @@
-"""Timing helpers shared by the GPU benchmarks.
+"""The timing harness of every GPU benchmark.
 
 JAX: a jitted loop over R distinct operand sets returns all R outputs (so XLA can neither merge
-nor drop calls); it is timed by CUPTI (`jax.experimental.mosaic.gpu.profiler`: the GPU time of the
-kernels it launches, without JAX's dispatch) and by wall clock (dispatch and the host round trip
-counted). torch: the same R calls back to back, timed by CUDA events or by wall clock. Every figure
-is a median over repeated loops, divided by R. DLPack shares JAX arrays with torch without a copy
-of the data a benchmark times (fp8 travels as a uint8 view and is reinterpreted on the torch side).
+nor drop calls, and no weight stays in L2 from one call to the next). Its figure is the wall clock
+of `calls` back-to-back calls of that program, blocked once at the end, divided by `calls * R`:
+what a jitted step sees, dispatch gaps included. CUPTI (`jax.experimental.mosaic.gpu.profiler`:
+the GPU time of the kernels launched, without dispatch or gaps) is reported beside it, never
+instead of it. torch: the same R operand sets (shared through DLPack, no copy: fp8 travels as a
+uint8 view and is reinterpreted on the torch side), `calls` passes of R calls back to back, one
+synchronize at the end. `compare` times a row's JAX variants, then its torch variants, then the
+JAX variants again, so that drift between the two JAX passes shows; every side reports the median
+and spread of its repeats.
 """
 
+import dataclasses
 import statistics
 import time
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.mosaic.gpu import profiler
+
+# Back-to-back calls in one wall-clock sample, and samples per figure.
+CALLS = 10
+REPEATS = 3
 
 
 def looped(fn):
@@ -41,15 +51,24 @@ def kernel_seconds(call, inputs, reps):
     return statistics.median(times_ms) / 1e3 / len(inputs)
 
 
-def wall_seconds(call, inputs, reps):
-    """Median wall-clock seconds per operand set of `call(inputs)` (a warmed-up jitted or compiled
-    loop over the R sets), one loop a sample, `block_until_ready` each."""
-    times = []
+def wall_samples(call, inputs, reps, calls=CALLS):
+    """`reps` wall-clock samples, seconds per operand set, of `call(inputs)` (a warmed-up jitted or
+    compiled loop over the R sets): each sample is `calls` calls back to back, the last one blocked
+    (the device runs them in order, so that waits for all)."""
+    samples = []
     for _ in range(reps):
         start = time.perf_counter()
-        jax.block_until_ready(call(inputs))
-        times.append((time.perf_counter() - start) / len(inputs))
-    return statistics.median(times)
+        for _ in range(calls):
+            out = call(inputs)
+        jax.block_until_ready(out)
+        del out
+        samples.append((time.perf_counter() - start) / (calls * len(inputs)))
+    return samples
+
+
+def wall_seconds(call, inputs, reps, calls=CALLS):
+    """Median of `wall_samples`."""
+    return statistics.median(wall_samples(call, inputs, reps, calls))
 
 
 def time_jax(fn, inputs, reps):
@@ -95,20 +114,26 @@ def torch_sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_torch_wall(fn, inputs, reps, device="cuda"):
-    """Median wall-clock seconds per call of fn over the R inputs: one warm-up loop, then each
-    sample is the R calls back to back and a synchronize."""
+def torch_wall_samples(fn, inputs, reps, device="cuda", calls=CALLS):
+    """`reps` wall-clock samples, seconds per call, of fn over the R inputs: one warm-up pass, then
+    each sample is `calls` passes of the R calls back to back and one synchronize."""
     for x in inputs:
         fn(x)
     torch_sync(device)
-    times = []
+    samples = []
     for _ in range(reps):
         start = time.perf_counter()
-        for x in inputs:
-            fn(x)
+        for _ in range(calls):
+            for x in inputs:
+                fn(x)
         torch_sync(device)
-        times.append((time.perf_counter() - start) / len(inputs))
-    return statistics.median(times)
+        samples.append((time.perf_counter() - start) / (calls * len(inputs)))
+    return samples
+
+
+def time_torch_wall(fn, inputs, reps, device="cuda", calls=CALLS):
+    """Median of `torch_wall_samples`."""
+    return statistics.median(torch_wall_samples(fn, inputs, reps, device, calls))
 
 
 def to_torch(x):
@@ -122,3 +147,140 @@ def to_torch(x):
         raw = jax.block_until_ready(jax.lax.bitcast_convert_type(x, jnp.uint8))
         return torch.from_dlpack(raw).view(fp8[x.dtype])
     return torch.from_dlpack(jax.block_until_ready(x))
+
+
+def summary(samples) -> dict:
+    """Median, min, max and spread ((max - min) / median) of timing samples."""
+    median = statistics.median(samples)
+    return dict(median=median, min=min(samples), max=max(samples), spread=(max(samples) - min(samples)) / median)
+
+
+def _failure(err: Exception) -> dict:
+    return dict(error=f"{type(err).__name__}: {str(err)[:300]}")
+
+
+@dataclasses.dataclass
+class Variant:
+    """One timed path: `fn` of one operand set, and its R operand sets (distinct arrays)."""
+
+    fn: object
+    inputs: list
+
+
+def compare(jax_variants: dict, torch_variants: dict, *, calls=CALLS, repeats=REPEATS, cupti=True, device="cuda"):
+    """Times one row's paths in one process: the JAX variants, then the torch variants, then the JAX
+    variants again. Returns `{name: entry}`, every time in seconds per operand set:
+
+      JAX    `wall_s` (median of both passes' samples), `first`/`second` (each pass's `summary`),
+             `drift` (second / first - 1), `cupti_s` (median CUPTI kernel time, or None with a
+             `cupti_error`), `compile_s`
+      torch  `wall_s` and `wall` (its `summary`)
+
+    A variant that raises gets `{"error": ...}` and is left out of the later passes.
+    """
+    entries, compiled = {}, {}
+    for name, v in jax_variants.items():
+        try:
+            compiled[name], compile_s = compile_looped(lambda xs, fn=v.fn: fn(*xs), v.inputs)
+            jax.block_until_ready(compiled[name](v.inputs))
+            entries[name] = dict(compile_s=compile_s, first=wall_samples(compiled[name], v.inputs, repeats, calls))
+        except Exception as err:  # a failing variant is reported, not fatal
+            entries[name] = _failure(err)
+            compiled.pop(name, None)
+    for name, v in torch_variants.items():
+        try:
+            samples = torch_wall_samples(lambda xs, fn=v.fn: fn(*xs), v.inputs, repeats, device, calls)
+            entries[name] = dict(wall_s=statistics.median(samples), wall=summary(samples))
+        except Exception as err:
+            entries[name] = _failure(err)
+    for name, call in compiled.items():
+        inputs = jax_variants[name].inputs
+        entry = entries[name]
+        second = wall_samples(call, inputs, repeats, calls)
+        first = entry["first"]
+        entry.update(
+            wall_s=statistics.median(first + second),
+            first=summary(first),
+            second=summary(second),
+            drift=statistics.median(second) / statistics.median(first) - 1,
+            cupti_s=None,
+        )
+        if cupti:
+            try:
+                entry["cupti_s"] = kernel_seconds(call, inputs, repeats)
+            except Exception as err:  # the wall-clock figure stands without it
+                entry["cupti_error"] = _failure(err)["error"]
+    return entries
+
+
+# --- CUPTI of whole calls (several programs and eager ops), kernel by kernel ---------------------
+
+
+class AsIs:
+    """`fn` in a form `profiler.measure` runs as it is: it jits whatever is not a `jax.stages.Wrapped`
+    (a protocol: `__call__`, `trace`, `lower`), which would fold several jitted calls and their eager
+    ops into one program. So CUPTI sees the kernels of exactly the call the wall clock times."""
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        raise NotImplementedError("run as it is, not traced")
+
+    def lower(self, *args, **kwargs):
+        raise NotImplementedError("run as it is, not lowered")
+
+
+def _cupti_failed(err: Exception, state: dict) -> None:
+    message = f"{type(err).__name__}: {str(err)[:300]}"
+    if profiler is None or "not supported" in str(err):
+        state["error"] = message  # no CUPTI here: not tried again
+    else:
+        state.setdefault("failures", []).append(message)
+
+
+def _kernel_times(fn) -> list[tuple[str, float]]:
+    """CUPTI's `(kernel name, ms)` of one `fn()` call, after a warm-up call outside CUPTI."""
+    if profiler is None:
+        raise RuntimeError("jax.experimental.mosaic.gpu.profiler could not be imported")
+    _, timings = profiler.measure(AsIs(fn), aggregate=False)()
+    if not timings:
+        raise RuntimeError("no kernel was launched")
+    return timings
+
+
+def breakdown(timings: list[tuple[str, float]], per: int, top: int = 12) -> dict:
+    """Kernel launches, seconds and the `top` kernel names by time (with launches), per `per`."""
+    seconds, launches = Counter(), Counter()
+    for name, ms in timings:
+        seconds[name] += ms / 1e3 / per
+        launches[name] += 1 / per
+    total = sum(seconds.values())
+    ranked = [
+        dict(name=name[:200], seconds=t, share=t / total if total else None, launches=launches[name])
+        for name, t in seconds.most_common(top)
+    ]
+    return dict(launches=len(timings) / per, seconds=total, distinct=len(seconds), top=ranked)
+
+
+def cupti_profile(fn, reps: int, state: dict, per: int = 1, kernels: bool = False) -> dict | None:
+    """CUPTI kernel seconds of `fn()` per `per` (steps of a loop): the median of `reps` measurements
+    (`seconds`), each one call after a warm-up call (`measure(iterations=N)` insists on the same
+    kernel order in every iteration, which several programs and eager ops on the GPU do not keep),
+    and with `kernels` the first one's `breakdown`. None where CUPTI is not there (recorded once in
+    `state["error"]`) or a measurement failed (`state["failures"]`)."""
+    if state["error"] is not None:
+        return None
+    try:
+        runs = [_kernel_times(fn) for _ in range(reps)]
+    except Exception as err:  # the wall-clock figures stand without it
+        _cupti_failed(err, state)
+        return None
+    samples = [sum(ms for _, ms in run) / 1e3 / per for run in runs]
+    out = dict(seconds=statistics.median(samples), samples=samples)
+    if kernels:
+        out["kernels"] = breakdown(runs[0], per)
+    return out

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import smollm2_decoder  # noqa: E402
+import timing  # noqa: E402
 
 from w8a8_jax.models import generate, schemes  # noqa: E402
 
@@ -133,18 +134,18 @@ def test_cupti_runs_the_call_as_it_is():
     # profiler.measure jits anything that is not a jax.stages.Wrapped; AsIs must pass that check so
     # the wall clock and CUPTI time the same Python call (several jitted calls and eager ops).
     calls = []
-    wrapped = smollm2_decoder.AsIs(lambda: calls.append(1) or 3)
+    wrapped = timing.AsIs(lambda: calls.append(1) or 3)
     assert isinstance(wrapped, jax.stages.Wrapped)
     assert wrapped() == 3 and calls == [1]
     state = {"error": None}
     if jax.default_backend() == "cpu":
-        assert smollm2_decoder.cupti_profile(wrapped, 2, state) is None and "not supported" in state["error"]
+        assert timing.cupti_profile(wrapped, 2, state) is None and "not supported" in state["error"]
 
 
 def test_kernel_breakdown_is_per_step_and_ranked():
     # What CUPTI's per-kernel list (name, ms) of a 2-step loop becomes (the GPU-only path's arithmetic).
     timings = [("gemm", 0.3), ("softmax", 0.1), ("gemm", 0.3), ("softmax", 0.1), ("copy", 0.2)]
-    out = smollm2_decoder.breakdown(timings, per=2, top=2)
+    out = timing.breakdown(timings, per=2, top=2)
     assert out["launches"] == 2.5 and out["distinct"] == 3
     assert out["seconds"] == pytest.approx(0.5e-3)
     assert [k["name"] for k in out["top"]] == ["gemm", "softmax"]

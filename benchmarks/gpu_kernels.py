@@ -1,24 +1,32 @@
 """Hopper kernels: check, then time the fused fp8 GEMM and the per-token quant against XLA and torch.
 
-One run, one device: correctness against the float64 reference first, then per shape the median
-time of our kernel (rowwise and per-tensor scales), the XLA per-tensor and rowwise paths and
-`torch._scaled_mm` per-tensor and rowwise; then per-token quant (ours, XLA, a plain copy) in
-bytes/s. Prints a short table last; full numbers go to `$OUT/gpu_kernels.json` (or `--json`).
+One run, one device: correctness against the float64 reference first, then per (M, K, N) one row
+of `timing.compare` on the same operands: our kernel (rowwise scales; per-tensor at M >= 1024),
+XLA's rowwise and per-tensor fp8 GEMMs and XLA bf16, then `torch._scaled_mm` rowwise and per-tensor
+and `torch.mm` bf16 on the very same arrays (DLPack; fp8 as a uint8 view), then the JAX variants
+again. Beside them, the GEMM `Fp8LinearOp`'s plan picks for that shape, so the plan's ratio to torch
+is read off the row. Then per-token quant (ours, XLA, a plain copy) in bytes/s, and optionally
+`Fp8LinearOp.apply` end to end against XLA bf16.
 
-  python benchmarks/gpu_kernels.py [--quick] [--explore | --configs NAME ...] [--ms M ...] [--kn K N ...]
-                                   [--json PATH]
+  python3 benchmarks/gpu_kernels.py [--quick] [--explore | --configs NAME ...] [--ms M ...] [--kn K N ...]
+                                    [--reps N] [--calls N] [--r N] [--e2e] [--time-budget S] [--json PATH]
 
-Timing: every timed call gets distinct operands (a jitted loop over R pre-made inputs returns
-all R outputs, so XLA can neither merge nor drop calls; torch loops over the same R inputs), one
-warm-up, then the median of `--reps` timed loops, divided by R. JAX is timed by CUPTI (the GPU
-time of the kernels launched, without JAX's per-call dispatch), torch by CUDA events around its
-loop. Neither side flushes L2.
+Timing (`timing.py`): R (`--r`, default 8) distinct operand sets per jitted program, so no two
+timed GEMMs share an activation or a weight (XLA would merge dots that share one, and a weight would
+stay in L2); figures are wall clock over `--calls` (10) back-to-back calls, blocked once, the median
+of `--reps` (3) samples per pass with their spread; JAX is timed before and after torch and the
+drift between its two passes is kept. CUPTI kernel time is recorded beside (never instead of) the
+wall clock. Neither side flushes L2 between calls (the R sets exceed it at the sizes reported).
+Prints a short table last; everything goes to `$OUT/gpu_kernels.json` (or `--json`), rewritten
+after every row.
 """
 
 import argparse
 import json
 import os
+import shlex
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +37,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import reference
-from timing import time_jax, time_jax_wall, time_torch
+import timing
 
 import w8a8_jax
-from w8a8_jax import quantization, scaled_mm
+from w8a8_jax import dispatch, layout, platform, quantization, scaled_mm
 from w8a8_jax.kernels.gpu import scaled_mm as gpu_mm
 from w8a8_jax.kernels.gpu import tuned_block_sizes as tbs
 
@@ -41,9 +49,16 @@ try:
 except ImportError:
     gpu_quant = None
 
-M_VALUES = (1, 8, 16, 64, 128, 1024, 4096, 8192)
-KN = ((4096, 6144), (4096, 28672), (14336, 4096), (8192, 10240), (8192, 57344), (28672, 8192))
-R = 8  # distinct activation sets per timed loop
+try:
+    import torch
+except ImportError:  # the torch rows are then left out, and said so
+    torch = None
+
+M_VALUES = (1, 8, 16, 64, 128, 256, 512, 1024, 4096, 8192)
+# Llama-3-8B (QKV, gate/up, down), Llama-3-70B (QKV, gate/up, down), and 8192 x 8192.
+KN = ((4096, 6144), (4096, 28672), (14336, 4096), (8192, 10240), (8192, 57344), (28672, 8192), (8192, 8192))
+QUANT_SHAPES = ((1024, 4096), (4096, 4096), (8192, 8192), (4096, 14336))
+R = 8  # distinct operand sets per timed program
 
 
 def _fp8(key, shape):
@@ -131,6 +146,8 @@ EXPLORE = {
     "cm_persistent_epi128": tbs.GemmConfig(cluster="m", persistent_pipeline=True, epi_tile_n=128),
     # CTA 128x256: each warpgroup's 64x256 total promoted in two 128-column chunks (192 registers).
     "cm_persistent_n256": tbs.DEFAULT_GEMM,
+    # cuBLASLt's fp8 kernel at 8192^3 on the H200 (Nsight Compute): 128x128x128 CTAs, 6 stages.
+    "cm_s6": tbs.GemmConfig(cluster="m", stages=6, epi_tile_n=32),
 }
 
 
@@ -154,67 +171,179 @@ def check_configs(results, configs):
         print(f"config {name} error at K={k}: {err}", flush=True)
 
 
-def bench_gemm(results, m_values, kn_values, reps, configs):
-    """Each timed call gets its own activation AND weight (R pairs): XLA merges dots that share an
-    operand (its dot merger), which would time one batched GEMM instead of R layers."""
-    import torch
+def _gemm_sets(key, m, k, n, r):
+    """R distinct operand sets `(a (M, K) fp8, w (N, K) fp8, scale_a (M, 1), scale_w (N, 1))` with
+    random codes and scales: every timed call reads its own activation and weight."""
+    sets = []
+    for kk in jax.random.split(jax.random.fold_in(key, m * 131 + k * 7 + n), r):
+        ka, kw, ks, kt = jax.random.split(kk, 4)
+        sets.append(
+            (
+                _fp8(ka, (m, k)),
+                _fp8(kw, (n, k)),
+                jax.random.uniform(ks, (m, 1), jnp.float32, 0.01, 0.03),
+                jax.random.uniform(kt, (n, 1), jnp.float32, 0.005, 0.015),
+            )
+        )
+    return sets
 
+
+def plan_gemm(m, k, n, per_tensor):
+    """The GEMM `Fp8LinearOp`'s plan names for fp8 input `(m, k)` and an `(n, k)` weight."""
+    scheme = w8a8_jax.Fp8Scheme.from_names(
+        "tensor" if per_tensor else "channel", "static" if per_tensor else "dynamic-token"
+    )
+    return dispatch.plan(
+        scheme,
+        input_shape=(m, k),
+        input_dtype=jnp.float8_e4m3fn,
+        weight_shape=(n, k),
+        weight_dtype=jnp.float8_e4m3fn,
+        out_dtype=jnp.bfloat16,
+        kernel=platform.fused_kernel(),
+    ).gemm
+
+
+def _agreement(ours, theirs) -> float:
+    """Max |ours - theirs| over max |theirs| of two (M, N) outputs (one JAX, one torch)."""
+    a = torch.from_dlpack(jax.block_until_ready(ours.astype(jnp.float32))).double()
+    b = theirs.double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def bench_gemm(results, m_values, kn_values, args, configs, save):
+    """One row per (M, K, N): our kernel (rowwise; per-tensor at M >= 1024), XLA's fp8 GEMMs, XLA
+    bf16, then torch's rowwise, per-tensor and bf16 GEMMs on the same operands, then JAX again
+    (`timing.compare`). The plan's pick is recorded beside them. Without torch its rows are
+    left out (`torch: "not installed"`)."""
     key = jax.random.key(2)
+    deadline = time.perf_counter() + args.time_budget
     for k, n in kn_values:
-        key, kb = jax.random.split(key)
-        weights = [_fp8(kk, (n, k)) for kk in jax.random.split(kb, R)]
-        w_scale_row = jnp.full((n, 1), 0.01, jnp.float32)
-        w_scale_t = jnp.array([0.01], jnp.float32)
-        tws = [torch.empty((n, k), device="cuda").uniform_(-1.5, 1.5).to(torch.float8_e4m3fn) for _ in range(R)]
-        tw_scale_row = torch.full((1, n), 0.01, device="cuda")
-        one = torch.tensor(0.01, device="cuda")
         for m in m_values:
-            keys = jax.random.split(jax.random.fold_in(key, m), R)
-            xs = [(_fp8(kk, (m, k)), jnp.full((m, 1), 0.02, jnp.float32), w) for kk, w in zip(keys, weights)]
-            txs = [(torch.empty((m, k), device="cuda").uniform_(-1.5, 1.5).to(torch.float8_e4m3fn), tw) for tw in tws]
-            t_scale_row = torch.full((m, 1), 0.02, device="cuda")
-            flops = 2.0 * m * n * k
-            row = dict(kind="gemm", m=m, k=k, n=n)
+            if time.perf_counter() > deadline:
+                results.append(dict(kind="gemm_skipped", m=m, k=k, n=n, why="time budget"))
+                continue
+            sets = _gemm_sets(key, m, k, n, args.r)
+            bf16_sets = [(a.astype(jnp.bfloat16), w.astype(jnp.bfloat16)) for a, w, _, _ in sets]
+            unit = jnp.array([0.01], jnp.float32)
+            row = dict(kind="gemm", m=m, k=k, n=n, r=args.r, calls=args.calls, repeats=args.reps)
+            row["plan_rowwise"] = plan_gemm(m, k, n, per_tensor=False)
+            row["plan_tensor"] = plan_gemm(m, k, n, per_tensor=True)
 
-            def ours_rowwise(config=None):
-                return lambda x: gpu_mm.scaled_mm(x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16, config=config)
+            def ours(config=None):
+                return timing.Variant(
+                    lambda a, w, sa, sw: gpu_mm.scaled_mm(a, w, sa, sw, None, jnp.bfloat16, config=config), sets
+                )
 
-            variants = {
-                "ours_rowwise": ours_rowwise(),
-                "xla_tensor": lambda x: scaled_mm.xla_per_tensor_w8a8_scaled_mm(
-                    x[0], x[2], w_scale_t, w_scale_t, None, jnp.bfloat16
+            jax_variants = {
+                "ours_rowwise": ours(),
+                "xla_rowwise": timing.Variant(
+                    lambda a, w, sa, sw: scaled_mm.xla_per_token_w8a8_scaled_mm(a, w, sa, sw, None, jnp.bfloat16), sets
                 ),
-                "xla_rowwise": lambda x: scaled_mm.xla_per_token_w8a8_scaled_mm(
-                    x[0], x[2], x[1], w_scale_row, None, jnp.bfloat16
+                "xla_tensor": timing.Variant(
+                    lambda a, w, sa, sw: scaled_mm.xla_per_tensor_w8a8_scaled_mm(a, w, unit, unit, None, jnp.bfloat16),
+                    sets,
+                ),
+                "xla_bf16": timing.Variant(
+                    lambda a, w: jax.lax.dot_general(a, w, layout.CONTRACT_K, preferred_element_type=jnp.bfloat16),
+                    bf16_sets,
                 ),
             }
-            if m >= 1024:  # per-tensor scales run the same kernel; measured where it is compute-bound
-                variants["ours_tensor"] = lambda x: gpu_mm.scaled_mm(
-                    x[0], x[2], w_scale_t, w_scale_t, None, jnp.bfloat16
+            if m >= 1024:  # per-tensor scales run the same kernel; timed where it is compute-bound
+                jax_variants["ours_tensor"] = timing.Variant(
+                    lambda a, w, sa, sw: gpu_mm.scaled_mm(a, w, unit, unit, None, jnp.bfloat16), sets
                 )
             for name, config in configs.items():
-                variants[name] = ours_rowwise(config)
-            for name, fn in variants.items():
-                try:
-                    row[name] = time_jax(fn, xs, reps)
-                except Exception as err:  # a failing variant is reported, not fatal
-                    row[name] = None
-                    print(f"{name} {m}x{k}x{n} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
-            row["torch_tensor"] = time_torch(
-                lambda x: torch._scaled_mm(x[0], x[1].t(), one, one, out_dtype=torch.bfloat16), txs, reps
+                jax_variants[name] = ours(config)
+            if args.only:
+                jax_variants = {name: v for name, v in jax_variants.items() if name in args.only}
+            if torch is None:
+                torch_variants, row["torch"] = {}, "not installed"
+            else:
+                torch_variants = _torch_variants(sets, bf16_sets, unit, row)
+                if args.only:
+                    torch_variants = {name: v for name, v in torch_variants.items() if name in args.only}
+            row["times"] = timing.compare(
+                jax_variants, torch_variants, calls=args.calls, repeats=args.reps, cupti=not args.skip_cupti
             )
-            row["torch_rowwise"] = time_torch(
-                lambda x: torch._scaled_mm(x[0], x[1].t(), t_scale_row, tw_scale_row, out_dtype=torch.bfloat16),
-                txs,
-                reps,
-            )
-            row["tflops"] = {
-                v: (flops / t / 1e12 if t else None) for v, t in row.items() if v not in ("kind", "m", "k", "n")
-            }
+            row["derived"] = derived(row)
             results.append(row)
-            print(json.dumps(row), flush=True)
-            del xs, txs
-        del weights, tws
+            print(json.dumps(dict(m=m, k=k, n=n, **row["derived"])), flush=True)
+            save()
+
+
+def _torch_variants(sets, bf16_sets, unit, row) -> dict:
+    """torch's rowwise, per-tensor and bf16 GEMMs on the JAX operands (DLPack), and in `row` how
+    closely torch's rowwise output agrees with the kernel's on the first set."""
+    t_sets = [tuple(timing.to_torch(x) for x in s) for s in sets]
+    t_bf16 = [tuple(timing.to_torch(x) for x in s) for s in bf16_sets]
+    t_unit = timing.to_torch(unit).reshape(())
+    variants = {
+        "torch_rowwise": timing.Variant(
+            lambda a, w, sa, sw: torch._scaled_mm(a, w.t(), sa, sw.view(1, -1), out_dtype=torch.bfloat16),
+            t_sets,
+        ),
+        "torch_tensor": timing.Variant(
+            lambda a, w, sa, sw: torch._scaled_mm(a, w.t(), t_unit, t_unit, out_dtype=torch.bfloat16), t_sets
+        ),
+        "torch_bf16": timing.Variant(lambda a, w: torch.mm(a, w.t()), t_bf16),
+    }
+    try:  # the same numbers on both sides, or the ratios mean nothing
+        a, w, sa, sw = sets[0]
+        ta, tw, tsa, tsw = t_sets[0]
+        row["agreement"] = _agreement(
+            gpu_mm.scaled_mm(a, w, sa, sw, None, jnp.bfloat16),
+            torch._scaled_mm(ta, tw.t(), tsa, tsw.view(1, -1), out_dtype=torch.bfloat16),
+        )
+    except Exception as err:
+        row["agreement_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return variants
+
+
+def derived(row) -> dict:
+    """A GEMM row's TFLOP/s (wall clock, and CUPTI for JAX), weight TB/s at M <= 64 (the bytes a
+    decode GEMM must read), and the ratios the targets are stated in (torch time / our time: above
+    1 we lead)."""
+    m, k, n = row["m"], row["k"], row["n"]
+    flops = 2.0 * m * k * n
+    times = row["times"]
+    wall = {name: t["wall_s"] for name, t in times.items() if t.get("wall_s")}
+    out = dict(
+        tflops={name: flops / t / 1e12 for name, t in wall.items()},
+        cupti_tflops={name: flops / t["cupti_s"] / 1e12 for name, t in times.items() if t.get("cupti_s")},
+    )
+    if m <= 64:
+        weight_bytes = {name: n * k * (2 if name.endswith("bf16") else 1) for name in wall}
+        out["weight_tbps"] = {name: weight_bytes[name] / t / 1e12 for name, t in wall.items()}
+    # The timed variant that runs what the plan picked (per-tensor scales on the kernel: its
+    # per-tensor row where it was timed).
+    plan = {f"plan_{g}": _PLAN_VARIANTS.get(row.get(f"plan_{g}")) for g in ("rowwise", "tensor")}
+    if plan["plan_tensor"] == "ours_rowwise" and "ours_tensor" in wall:
+        plan["plan_tensor"] = "ours_tensor"
+    ratios = {}
+    for mine, theirs in (
+        ("ours_rowwise", "torch_rowwise"),
+        ("ours_tensor", "torch_tensor"),
+        ("plan_rowwise", "torch_rowwise"),
+        ("plan_tensor", "torch_tensor"),
+        ("xla_bf16", "torch_bf16"),
+    ):
+        timed = plan.get(mine, mine)
+        if timed in wall and theirs in wall:
+            ratios[f"{mine}/{theirs}"] = wall[theirs] / wall[timed]
+    out["ratios"] = ratios
+    out["plan_variants"] = plan
+    drift = [t["drift"] for t in times.values() if "drift" in t]
+    out["max_drift"] = max((abs(d) for d in drift), default=None)
+    return out
+
+
+# The timed variant that runs what each of the plan's GEMM names runs.
+_PLAN_VARIANTS = {
+    scaled_mm.fused_w8a8_scaled_mm.__name__: "ours_rowwise",
+    scaled_mm.xla_per_token_w8a8_scaled_mm.__name__: "xla_rowwise",
+    scaled_mm.xla_per_tensor_w8a8_scaled_mm.__name__: "xla_tensor",
+}
 
 
 def _per_token_any_amax(x):
@@ -224,181 +353,188 @@ def _per_token_any_amax(x):
     return jnp.clip(quantization.true_divide(x, scale), -448, 448).astype(jnp.float8_e4m3fn), scale
 
 
-def bench_quant(results, shapes, reps):
-    import torch  # noqa: F401
-
+def bench_quant(results, shapes, args, save):
+    """Per-token quant (bf16 in): ours, XLA's formula, the other schemes' XLA quant, and a bf16 copy
+    in the same `timing.compare` (JAX only), in bytes/s: (2 + 1) bytes an element + 4 a row; the
+    copy moves 4 bytes an element."""
     key = jax.random.key(3)
     for m, k in shapes:
-        keys = jax.random.split(jax.random.fold_in(key, m * k), R)
-        xs = [jax.random.normal(kk, (m, k), jnp.float32).astype(jnp.bfloat16) for kk in keys]
-        nbytes = m * k * 2 + m * k + m * 4  # read bf16, write fp8 codes and scales
-        row = dict(kind="quant", m=m, k=k)
+        keys = jax.random.split(jax.random.fold_in(key, m * k), args.r)
+        xs = [(jax.random.normal(kk, (m, k), jnp.float32).astype(jnp.bfloat16),) for kk in keys]
         variants = {
             "xla": lambda x: quantization.quantize_per_token(x, None, jnp.float8_e4m3fn),
             # The other two schemes, XLA-fused, for the note's "would a kernel help" question.
             "xla_static": lambda x: quantization.scaled_fp8_quant(x, jnp.array([0.01], jnp.float32))[0],
             "xla_dynamic_tensor": lambda x: quantization.scaled_fp8_quant(x)[0],
-            # The per-token formula with the amax over every value (NaN and Inf included), as it
-            # was before the amax skipped them: prices the finite mask.
+            # The per-token formula with the amax over every value (NaN and Inf included): prices
+            # the finite mask.
             "xla_any_amax": _per_token_any_amax,
             "copy": lambda x: x + jnp.bfloat16(1),  # reads and writes 2 bytes an element
         }
         if gpu_quant is not None:
             variants["ours"] = lambda x: gpu_quant.per_token_quant(x, None, jnp.float8_e4m3fn)
-            for rows in (2, 4):
-                variants[f"ours_r{rows}"] = (
-                    lambda r: lambda x: gpu_quant.per_token_quant(x, None, jnp.float8_e4m3fn, rows_per_block=r)
-                )(rows)
-        wall = {}
-        for name, fn in variants.items():
-            try:
-                row[name] = time_jax(fn, xs, reps)
-                wall[name] = time_jax_wall(fn, xs, reps)
-            except Exception as err:
-                row[name] = wall[name] = None
-                print(f"quant {name} {m}x{k} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
-        moved = {name: 4 * m * k if name == "copy" else nbytes for name in variants}
-        row["TBps"] = {name: moved[name] / row[name] / 1e12 if row.get(name) else None for name in variants}
-        row["wall_TBps"] = {name: moved[name] / wall[name] / 1e12 if wall.get(name) else None for name in variants}
+        times = timing.compare(
+            {name: timing.Variant(fn, xs) for name, fn in variants.items()},
+            {},
+            calls=args.calls,
+            repeats=args.reps,
+            cupti=not args.skip_cupti,
+        )
+        moved = {name: 4 * m * k if name == "copy" else m * k * 3 + m * 4 for name in variants}
+        row = dict(kind="quant", m=m, k=k, r=args.r, times=times)
+        row["TBps"] = {n: moved[n] / t["wall_s"] / 1e12 for n, t in times.items() if t.get("wall_s")}
+        row["cupti_TBps"] = {n: moved[n] / t["cupti_s"] / 1e12 for n, t in times.items() if t.get("cupti_s")}
+        if row["TBps"].get("ours") and row["TBps"].get("copy"):
+            row["ours_over_copy"] = row["TBps"]["ours"] / row["TBps"]["copy"]
         results.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(dict(m=m, k=k, TBps=row["TBps"])), flush=True)
+        save()
 
 
-def bench_e2e(results, m_values, kn_values, reps):
-    """`Fp8LinearOp.apply` (bf16 in, dynamic per-token, per-channel weight) against XLA's bf16 GEMM:
-    as registered (the quant kernel, then the GEMM the routing table picks), with
-    `fused_supported=False` (the quant kernel, then XLA's GEMM), and the quant kernel feeding the
-    GEMM kernel directly."""
+def bench_e2e(results, m_values, kn_values, args, save):
+    """`Fp8LinearOp.apply` (bf16 in, dynamic per-token, per-channel weight, bf16 out) as the plan
+    runs it, and with `fused_supported=False` (XLA's quant and GEMM), against XLA's bf16 GEMM on the
+    same weights (their bf16 copy)."""
     key = jax.random.key(5)
-    contract = (((1,), (1,)), ((), ()))
     fused = w8a8_jax.Fp8LinearOp(use_per_token_if_dynamic=True, pad_output=False)
     xla = w8a8_jax.Fp8LinearOp(fused_supported=False, use_per_token_if_dynamic=True, pad_output=False)
     for k, n in kn_values:
         kw = jax.random.fold_in(key, k * n)
-        ws = [jax.random.normal(kk, (n, k), jnp.bfloat16) * 0.02 for kk in jax.random.split(kw, R)]
-        qws = [jnp.clip(w.astype(jnp.float32) * 2000, -448, 448).astype(jnp.float8_e4m3fn) for w in ws]
+        qws = [_fp8(kk, (n, k)) for kk in jax.random.split(kw, args.r)]
         w_scale = jnp.full((n, 1), 5e-4, jnp.float32)
         for m in m_values:
-            xs = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in jax.random.split(jax.random.fold_in(kw, m), R)]
-
-            def kernels(x, qw):
-                q, s = gpu_quant.per_token_quant(x, None, jnp.float8_e4m3fn)
-                return gpu_mm.scaled_mm(q, qw, s, w_scale, None, jnp.bfloat16)
-
+            keys = jax.random.split(jax.random.fold_in(kw, m), args.r)
+            xs = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in keys]
+            fp8_sets = list(zip(xs, qws))
+            bf16_sets = [(x, (qw.astype(jnp.float32) * 5e-4).astype(jnp.bfloat16)) for x, qw in fp8_sets]
             variants = {
-                "xla_bf16": (
-                    lambda p: jax.lax.dot_general(p[0], p[1], contract, preferred_element_type=jnp.bfloat16),
-                    ws,
+                "xla_bf16": timing.Variant(
+                    lambda x, w: jax.lax.dot_general(x, w, layout.CONTRACT_K, preferred_element_type=jnp.bfloat16),
+                    bf16_sets,
                 ),
-                "op_registered": (lambda p: fused.apply(p[0], p[1], w_scale), qws),
-                "op_xla": (lambda p: xla.apply(p[0], p[1], w_scale), qws),
-                "quant_kernel_gemm_kernel": (lambda p: kernels(*p), qws),
+                "op_plan": timing.Variant(lambda x, qw: fused.apply(x, qw, w_scale), fp8_sets),
+                "op_xla": timing.Variant(lambda x, qw: xla.apply(x, qw, w_scale), fp8_sets),
             }
-            row = dict(kind="e2e", m=m, k=k, n=n)
-            for name, (fn, weights) in variants.items():
-                try:
-                    row[name] = time_jax(fn, list(zip(xs, weights)), reps)
-                except Exception as err:
-                    row[name] = None
-                    print(f"e2e {name} {m}x{k}x{n} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
-            row["tflops"] = {v: 2.0 * m * n * k / row[v] / 1e12 for v in variants if row.get(v)}
+            times = timing.compare(variants, {}, calls=args.calls, repeats=args.reps, cupti=not args.skip_cupti)
+            plan = fused.plan(xs[0], qws[0], w_scale)
+            row = dict(kind="e2e", m=m, k=k, n=n, r=args.r, times=times, plan=[plan.quantizer, plan.gemm])
+            flops = 2.0 * m * n * k
+            row["tflops"] = {v: flops / t["wall_s"] / 1e12 for v, t in times.items() if t.get("wall_s")}
+            if "xla_bf16" in row["tflops"]:
+                row["over_bf16"] = {v: t / row["tflops"]["xla_bf16"] for v, t in row["tflops"].items()}
             results.append(row)
-            print(json.dumps(row), flush=True)
-
-
-def kernel_wins(results, margin=1.03):
-    """`(m, k, n)` of the GEMM rows where the kernel (rowwise) beat the faster XLA path by `margin`:
-    the measured basis of `tuned_block_sizes.KERNEL_FASTER_THAN_XLA`."""
-    wins = []
-    for r in results:
-        xla = [r[c] for c in ("xla_tensor", "xla_rowwise") if r.get(c)]
-        if r["kind"] == "gemm" and r.get("ours_rowwise") and xla and min(xla) >= margin * r["ours_rowwise"]:
-            wins.append((r["m"], r["k"], r["n"]))
-    return wins
+            print(json.dumps(dict(m=m, k=k, n=n, tflops=row["tflops"])), flush=True)
+            save()
 
 
 def print_table(results):
-    print("\nGEMM, bf16 out, TFLOP/s (M<=64: us), ratios ours/torch")
+    """The short table: wall-clock figures (TFLOP/s, or weight TB/s at M <= 64) and the ratios."""
+    print("\nGEMM, bf16 out, wall clock: TFLOP/s (M <= 64: weight TB/s); ratio = torch time / ours")
     print(
-        f"{'M':>5} {'K':>6} {'N':>6} | {'ours_row':>8} {'ours_t':>8} {'xla_t':>8} {'xla_row':>8} "
-        f"{'tch_t':>8} {'tch_row':>8} | {'row/tch':>7} {'t/tch':>6}"
+        f"{'M':>5} {'K':>6} {'N':>6} | {'ours_row':>8} {'ours_t':>7} {'xla_row':>7} {'xla_t':>7} {'bf16':>7} "
+        f"{'tch_row':>7} {'tch_t':>7} {'tch_bf':>7} | {'plan':>6} {'pl/row':>6} {'pl/t':>6} {'drift':>6}"
     )
+    cols = ["ours_rowwise", "ours_tensor", "xla_rowwise", "xla_tensor", "xla_bf16"]
+    cols += ["torch_rowwise", "torch_tensor", "torch_bf16"]
     for r in results:
         if r["kind"] != "gemm":
             continue
-        small = r["m"] <= 64
-        cols = ["ours_rowwise", "ours_tensor", "xla_tensor", "xla_rowwise", "torch_tensor", "torch_rowwise"]
-        vals = [(r[c] * 1e6 if small else r["tflops"][c]) if r.get(c) else float("nan") for c in cols]
-        ratio_row = r["torch_rowwise"] / r["ours_rowwise"] if r.get("ours_rowwise") else float("nan")
-        ratio_t = r["torch_tensor"] / r["ours_tensor"] if r.get("ours_tensor") else float("nan")
-        print(
-            f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | "
-            + " ".join(f"{v:8.1f}" for v in vals)
-            + f" | {ratio_row:7.2f} {ratio_t:6.2f}"
+        d = r["derived"]
+        figures = d["weight_tbps"] if r["m"] <= 64 else d["tflops"]
+        cells = " ".join(f"{figures[c]:7.1f}" if c in figures else f"{'-':>7}" for c in cols)
+        ratios = d["ratios"]
+        plan = {"ours_rowwise": "kernel", "xla_rowwise": "xla", "xla_tensor": "xla"}.get(
+            d["plan_variants"]["plan_rowwise"], "?"
         )
-    print(f"\nkernel >= 3% faster than XLA's faster path at (M, K, N): {kernel_wins(results)}")
-    extra = sorted({c for r in results if r["kind"] == "gemm" for c in r if c in EXPLORE})
+        pr, pt = (
+            ratios.get("plan_rowwise/torch_rowwise", float("nan")),
+            ratios.get("plan_tensor/torch_tensor", float("nan")),
+        )
+        drift = d["max_drift"] if d["max_drift"] is not None else float("nan")
+        print(f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells} | {plan:>6} {pr:6.2f} {pt:6.2f} {drift:6.1%}")
+    extra = sorted({c for r in results if r["kind"] == "gemm" for c in r["times"] if c in EXPLORE})
     if extra:
-        print("\nconfigs explored (us)")
+        print("\nconfigs explored, wall clock TFLOP/s")
         for r in results:
             if r["kind"] == "gemm":
-                cells = " ".join(f"{c}={r[c] * 1e6:.1f}" for c in extra if r.get(c))
+                cells = " ".join(f"{c}={r['derived']['tflops'][c]:.0f}" for c in extra if c in r["derived"]["tflops"])
                 print(f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells}")
-    for key, what in (("TBps", "CUPTI kernel time"), ("wall_TBps", "wall clock")):
-        print(f"\nper-token quant, bf16 in, TB/s ({what})")
-        for r in results:
-            if r["kind"] == "quant":
-                t = r[key]
-                cells = " ".join(f"{name} {v:6.2f}" if v else f"{name}    nan" for name, v in t.items())
-                print(f"{r['m']:>5} x {r['k']:>6}: {cells}")
-    print("\nFp8LinearOp.apply end to end (bf16 in, per-token), TFLOP/s, and speed-up over XLA bf16")
-    for r in results:
-        if r["kind"] == "e2e":
-            t = r["tflops"]
-            cells = " ".join(f"{name} {v:7.1f}" for name, v in t.items())
-            best = max((v for name, v in t.items() if name != "xla_bf16"), default=float("nan"))
-            print(
-                f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells} | best/bf16 {best / t.get('xla_bf16', float('nan')):.2f}"
+    quant = [r for r in results if r["kind"] == "quant"]
+    if quant:
+        print("\nper-token quant, bf16 in, TB/s, wall clock (CUPTI)")
+        for r in quant:
+            cells = " ".join(
+                f"{name} {v:5.2f} ({r['cupti_TBps'].get(name, float('nan')):5.2f})" for name, v in r["TBps"].items()
             )
+            print(f"{r['m']:>5} x {r['k']:>6}: {cells} | ours/copy {r.get('ours_over_copy', float('nan')):.2f}")
+    e2e = [r for r in results if r["kind"] == "e2e"]
+    if e2e:
+        print("\nFp8LinearOp.apply end to end (bf16 in, per-token), wall clock TFLOP/s, and over XLA bf16")
+        for r in e2e:
+            cells = " ".join(f"{name} {v:7.1f}" for name, v in r["tflops"].items())
+            over = r.get("over_bf16", {}).get("op_plan", float("nan"))
+            print(f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells} | plan/bf16 {over:.2f} {r['plan']}")
     checks = [r for r in results if r["kind"].endswith("_check")]
     print(f"\nchecks: {sum(bool(r.get('ok', r.get('identical'))) for r in checks)}/{len(checks)} passed")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=timing.REPEATS, help="samples per figure (median, spread)")
+    parser.add_argument("--calls", type=int, default=timing.CALLS, help="back-to-back calls per sample")
+    parser.add_argument("--r", type=int, default=R, help="distinct operand sets per call")
     parser.add_argument("--skip-quant", action="store_true")
+    parser.add_argument("--skip-cupti", action="store_true")
     parser.add_argument("--explore", action="store_true", help="also time every candidate config")
     parser.add_argument("--configs", nargs="+", choices=sorted(EXPLORE), default=[], help="also time these configs")
+    parser.add_argument(
+        "--only", nargs="+", help="time only these variants (e.g. ours_rowwise xla_rowwise torch_rowwise)"
+    )
     parser.add_argument("--ms", type=int, nargs="+", help="M values (default: the full list)")
     parser.add_argument("--kn", type=int, nargs=2, action="append", help="a (K, N) pair; repeatable")
+    parser.add_argument("--quant-shapes", type=int, nargs=2, action="append", help="an (M, K) of the quant rows")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-gemm", action="store_true")
     parser.add_argument("--e2e", action="store_true", help="also time Fp8LinearOp.apply against XLA bf16")
     parser.add_argument("--e2e-ms", type=int, nargs="+", default=[4096], help="M values of the end-to-end rows")
+    parser.add_argument("--time-budget", type=float, default=480.0, help="seconds of GEMM rows; the rest are skipped")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_kernels.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     configs = dict(EXPLORE) if args.explore else {name: EXPLORE[name] for name in args.configs}
-    print(jax.devices()[0].device_kind, jax.__version__, flush=True)
+    device = jax.devices()[0]
     results = []
+    header = dict(
+        kind="run",
+        command="python3 benchmarks/gpu_kernels.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        device=device.device_kind,
+        jax=jax.__version__,
+    )
+    results.append(header)
+    print(header, flush=True)
+
+    def save():
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
     if not args.skip_checks:
         check_gemm(results)
         if not args.skip_quant and gpu_quant is not None:
             check_quant(results)
         if configs:
             check_configs(results, configs)
+        save()
     ms = args.ms or ((1, 16, 4096) if args.quick else M_VALUES)
     kns = [tuple(kn) for kn in args.kn] if args.kn else (((4096, 28672), (8192, 8192)) if args.quick else KN)
     if not args.skip_gemm:
-        bench_gemm(results, ms, kns, args.reps, configs)
+        bench_gemm(results, ms, kns, args, configs, save)
     if args.e2e:
-        bench_e2e(results, args.e2e_ms, kns, args.reps)
+        bench_e2e(results, args.e2e_ms, kns, args, save)
     if not args.skip_quant:
-        bench_quant(results, ((1024, 4096), (4096, 4096), (8192, 8192), (4096, 14336)), args.reps)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
+        bench_quant(results, [tuple(s) for s in args.quant_shapes] if args.quant_shapes else QUANT_SHAPES, args, save)
+    save()
     print_table(results)
+    return results
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from gpu_kernels import R, _fp8, time_jax  # noqa: E402
+from gpu_kernels import R, _fp8  # noqa: E402
+from timing import time_jax  # noqa: E402
 
 SHAPES = ((4096, 4096, 6144), (4096, 14336, 4096), (8192, 8192, 10240))
 ALGORITHMS = {

@@ -3,6 +3,7 @@ against the float64 `reference.llama_logits`, batching, compile counts, sampling
 errors, NaN isolation, scoring, the GGUF row order, Hugging Face directories and the fp8 schemes."""
 
 import json
+import re
 from collections import Counter
 
 import jax
@@ -196,6 +197,7 @@ def test_prefill_then_decode_matches_the_reference_at_each_position(tensors, gen
     want = [reference.llama_logits(tensors[False], CONFIGS[False], text) for text in texts]
     _, logits, cache = generator.prefill(prompts)
     assert cache.length == 128
+    assert cache.keys[0].shape == (len(prompts), SHAPE["num_key_value_heads"], 128, SHAPE["head_dim"])
     for row, prompt in enumerate(prompts):
         assert_logits_close(logits[row], want[row][len(prompt) - 1])
     positions = np.array([len(prompt) for prompt in prompts], np.int32)
@@ -205,6 +207,29 @@ def test_prefill_then_decode_matches_the_reference_at_each_position(tensors, gen
         for row in range(len(prompts)):
             assert_logits_close(logits[row], want[row][positions[row]])
         positions = positions + 1
+
+
+def test_the_decode_step_moves_no_cache_sized_array(float_model):
+    """Attention reads the `(B, kv heads, S, head_dim)` cache as it lies: the compiled decode step
+    transposes or copies nothing as large as one layer's cache (a `(B, S, kv heads, head_dim)`
+    layout contracted by heads made XLA transpose the whole cache, every layer, every step)."""
+    generator = Generator(float_model, cache_length=128, buckets=BUCKETS)
+    batch = 3
+    cache = KVCache.create(generator.config, batch, generator.cache_length, jnp.float32)
+    layer_cache = cache.keys[0].size
+    rows = jnp.zeros(batch, jnp.int32)
+    hlo = (
+        generator._decode.lower(
+            generator._leaves, rows, rows + 5, cache.keys, cache.values, generator._sampling(None, 0.0, 1.0), 1
+        )
+        .compile()
+        .as_text()
+    )
+    moved = []
+    for match in re.finditer(r"= \w+\[([\d,]*)\]\{[^}]*\} (transpose|copy)\(", hlo):
+        if np.prod([int(d) for d in match.group(1).split(",") if d]) >= layer_cache:
+            moved.append(match.group(0))
+    assert moved == []
 
 
 # --- batching, buckets and compiles -------------------------------------------------------------
@@ -235,7 +260,7 @@ def test_the_pad_token_changes_nothing(float_model, generator, prompts):
     reference.assert_bit_identical(logits, want_logits)
     for row, prompt in enumerate(prompts):
         for got, want in zip(cache.keys + cache.values, want_cache.keys + want_cache.values):
-            reference.assert_bit_identical(got[row, : len(prompt)], want[row, : len(prompt)])
+            reference.assert_bit_identical(got[row, :, : len(prompt)], want[row, :, : len(prompt)])
     text = token_ids(3, 21)  # its last window of 16 is padded
     for got, want in zip(other.score(text, window=16), generator.score(text, window=16)):
         reference.assert_bit_identical(got, want)
@@ -452,11 +477,11 @@ def test_a_nan_embedding_stays_in_its_own_row_through_the_prefill(float_model):
     reference.assert_bit_identical(nan_logits[1], clean_logits[1])
     assert int(nan_first[1]) == int(first[1])
     for got, want in zip(nan_cache.keys, clean_cache.keys):
-        assert np.isnan(np.asarray(got[0, 2])).all()  # the NaN token's own keys
-        reference.assert_bit_identical(got[1, : len(PROMPT)], want[1, : len(PROMPT)])
+        assert np.isnan(np.asarray(got[0, :, 2])).all()  # the NaN token's own keys
+        reference.assert_bit_identical(got[1, :, : len(PROMPT)], want[1, :, : len(PROMPT)])
     for got, want in zip(nan_cache.values, clean_cache.values):
-        assert not np.asarray(got[0, 2]).any()  # its values are cached as 0, which masked queries may multiply
-        reference.assert_bit_identical(got[1, : len(PROMPT)], want[1, : len(PROMPT)])
+        assert not np.asarray(got[0, :, 2]).any()  # its values are cached as 0, which masked queries may multiply
+        reference.assert_bit_identical(got[1, :, : len(PROMPT)], want[1, :, : len(PROMPT)])
 
 
 # --- score and perplexity -----------------------------------------------------------------------

@@ -82,21 +82,22 @@ class LlamaConfig:
 
 @flax.struct.dataclass
 class KVCache:
-    """The keys and values of every layer: `keys[i]`, `values[i]` are `(B, S, num_key_value_heads,
-    head_dim)`; position `p` of a sequence is row `p`, and `S` is the most positions it can hold."""
+    """The keys and values of every layer: `keys[i]`, `values[i]` are `(B, num_key_value_heads, S,
+    head_dim)`; position `p` of a sequence is row `p` of each head, and `S` is the most positions it
+    can hold. Heads lead so that attention contracts over the cache as it lies, transposing none of it."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
 
     @classmethod
     def create(cls, config: LlamaConfig, batch: int, length: int, dtype=jnp.bfloat16) -> "KVCache":
-        shape = (batch, length, config.num_key_value_heads, config.head_dim)
+        shape = (batch, config.num_key_value_heads, length, config.head_dim)
         layers = range(config.num_hidden_layers)
         return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers))
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[2]
 
 
 class RMSNorm(nnx.Module):
@@ -125,8 +126,10 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def _write(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """`cache (B, S, H, D)` with `new (B, T, H, D)` written at rows `starts[b] .. starts[b] + T - 1`."""
-    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0)))(cache, new, starts)
+    """`cache (B, H, S, D)` with `new (B, T, H, D)` written at rows `starts[b] .. starts[b] + T - 1`
+    of every head."""
+    new = new.swapaxes(1, 2).astype(cache.dtype)  # (B, H, T, D): T rows, not the cache, move
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(cache, new, starts)
 
 
 def _linear(in_features: int, out_features: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -136,7 +139,11 @@ def _linear(in_features: int, out_features: int, dtype, rngs: nnx.Rngs) -> nnx.L
 class Attention(nnx.Module):
     """Grouped-query self-attention: `num_attention_heads` query heads share `num_key_value_heads`
     key/value heads; new keys and values go into the cache, queries attend to every cached position
-    up to their own."""
+    up to their own.
+
+    `__call__(x (B, T, hidden), positions (B, T), keys, values, starts (B,))` with one layer's cache
+    `keys`, `values` `(B, num_key_value_heads, S, head_dim)` -> `(out (B, T, hidden), keys, values)`.
+    """
 
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
         self.config = config
@@ -168,16 +175,19 @@ class Attention(nnx.Module):
         # query that does see the position still turns NaN, through its score.
         v = jnp.where(jnp.isfinite(v), v, jnp.zeros_like(v))
         keys, values = _write(keys, k, starts), _write(values, v, starts)
-        q = q.reshape(batch, length, kv_heads, groups, head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        # Query head h reads KV head h // groups (as transformers' `repeat_kv`). The queries move to
+        # (B, kv, groups, T, D) so that (b, k) lead on both sides of each product, as in the cache.
+        q = q.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+        scores = jnp.einsum("bkgtd,bksd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
         scores = scores * head_dim**-0.5
         # A query sees the cached positions up to its own; rows past a sequence's end hold another
         # step's (or no) keys and are masked, so padding never reaches a real token.
-        visible = jnp.arange(keys.shape[1])[None, None, :] <= positions[:, :, None]  # (B, T, S)
+        visible = jnp.arange(keys.shape[2])[None, None, :] <= positions[:, :, None]  # (B, T, S)
         scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
-        return self.o_proj(out.reshape(batch, length, -1)), keys, values
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs, values.astype(q.dtype))  # (B, kv, groups, T, D)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(batch, length, -1)
+        return self.o_proj(out), keys, values
 
 
 class MLP(nnx.Module):

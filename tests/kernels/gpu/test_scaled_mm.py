@@ -232,7 +232,8 @@ def test_hopper_dispatch_uses_kernel(key):
 
 def planned_gemm(m: int, k: int, n: int, per_token: bool = True) -> str:
     """The GEMM `Fp8LinearOp`'s plan picks for `(M, K) x (N, K)` with the registered Hopper kernel
-    (its capabilities and measured table), on any host: the shapes are traced, never allocated."""
+    (its capabilities and measured rule) on an H200's 132 SMs, on any host: the shapes are traced,
+    never allocated."""
     from w8a8_jax.kernels import gpu
 
     op = Fp8LinearOp(use_per_token_if_dynamic=per_token)
@@ -247,21 +248,35 @@ def planned_gemm(m: int, k: int, n: int, per_token: bool = True) -> str:
         jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn),
         jax.ShapeDtypeStruct((n, 1), jnp.float32),
     )
-    with platform.override(fused_kernel=gpu.FUSED_KERNEL):
+    with platform.override(fused_kernel=gpu.FUSED_KERNEL, num_sms=132):
         jax.eval_shape(trace, *args)
     return plans[0].gemm
+
+
+KERNEL, XLA = "fused_w8a8_scaled_mm", "xla_per_token_w8a8_scaled_mm"
 
 
 @pytest.mark.parametrize(
     "m, k, n, gemm",
     [
-        (4096, 4096, 28672, "fused_w8a8_scaled_mm"),  # Llama-3-8B gate/up, measured faster
-        (1024, 14336, 4096, "fused_w8a8_scaled_mm"),  # Llama-3-8B down
-        (128, 14336, 4096, "xla_per_token_w8a8_scaled_mm"),  # measured slower at M = 128
-        (16, 4096, 28672, "xla_per_token_w8a8_scaled_mm"),  # decode: XLA
-        (4096, 4096, 1000, "xla_per_token_w8a8_scaled_mm"),  # N not a multiple of 16: not taken
-        (4096, 5120, 5120, "xla_per_token_w8a8_scaled_mm"),  # not in the measured table
+        (4096, 4096, 28672, KERNEL),  # Llama-3-8B gate/up: 27 waves of clusters; measured 1.12x XLA
+        (1024, 14336, 4096, KERNEL),  # Llama-3-8B down: 64 clusters, 0.97 of a wave; 1.02x
+        (128, 4096, 28672, KERNEL),  # 112 CTAs paired along N: 1.7 waves; 1.09x
+        (128, 14336, 4096, XLA),  # 16 clusters on 66 slots: cuBLASLt splits K (0.55x)
+        (256, 4096, 6144, XLA),  # 48 of 66 slots (0.74x)
+        (16, 4096, 28672, XLA),  # decode-sized M
+        (1024, 3584, 4608, XLA),  # 2.2 waves, the last one 18% full: 0.73 of the slots busy (0.90x)
+        (4096, 4096, 1000, XLA),  # N not a multiple of 16: not taken
+        (4096, 4096, 384, XLA),  # N not a multiple of the wide tile: the narrow CTA only
+        (1000, 4096, 6144, KERNEL),  # the plan's M bucket (1024) decides
     ],
 )
-def test_plan_routes_measured_shapes_to_the_kernel(m, k, n, gemm):
+def test_plan_routes_by_the_measured_rule(m, k, n, gemm):
     assert planned_gemm(m, k, n) == gemm
+
+
+def test_rule_scales_with_the_machine():
+    """The same shape fills a machine of fewer SMs sooner: the rule counts waves, not shapes."""
+    assert not tbs.kernel_is_faster(256, 8192, 4096, num_sms=132)  # 16 clusters on 66 slots
+    assert tbs.kernel_is_faster(256, 8192, 4096, num_sms=32)  # 16 on 16
+    assert not tbs.kernel_is_faster(64, 8192, 57344, num_sms=132)  # decode-sized M whatever N

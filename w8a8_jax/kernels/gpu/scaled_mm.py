@@ -29,7 +29,7 @@ from w8a8_jax.kernels.gpu.tuned_block_sizes import GemmConfig
 # K and N granularity of the kernel: one 128-byte swizzle row of fp8 along K; the CTA tile's 128
 # rows along N. Other multiples of SHAPE_MULTIPLE (TMA's 16-byte rows) are zero-padded up to them.
 K_MULTIPLE = 128
-N_MULTIPLE = 128
+N_MULTIPLE = tbs.N_MULTIPLE
 SHAPE_MULTIPLE = 16
 
 
@@ -348,13 +348,13 @@ def scaled_mm(
         return out[:, :n]
 
     if config is None:
-        config = tbs.gemm_config(m, k, n, out_dtype.itemsize, platform.num_sms())
+        config = tbs.launch_config(m, k, n, out_dtype.itemsize, platform.num_sms())
     else:
         config = tbs.fit_stages(config, out_dtype.itemsize, k)
+        config = tbs.fit_grid(config, layout.round_up(m, config.cluster_m), n, platform.num_sms())
     if k % config.tile_k or n % config.cluster_n:
         raise ValueError(f"{k=} and {n=} must be multiples of {config.tile_k=} and {config.cluster_n=}")
     mp = layout.round_up(m, config.cluster_m)
-    config = tbs.fit_grid(config, mp, n, platform.num_sms())
     out = gemm_large_m(
         _pad_rows(qinput, mp),
         weight,

@@ -7,7 +7,8 @@ consumer warpgroups and one TMA producer warpgroup, a multi-stage shared-memory 
 128x256 with promotion in 128-column chunks, clusters of 2 CTAs along M multicasting B, one
 pipeline across an SM's tiles. `NARROW_GEMM` (CTA 128x128) takes N that is not a multiple of 256,
 M of one CTA row, and shapes whose wide tiles would leave more of the last wave of SMs idle
-(`wave_efficiency`). `KERNEL_FASTER_THAN_XLA` is the measured table the dispatch plan reads.
+(`wave_efficiency`). `kernel_is_faster` is the measured rule the dispatch plan reads: where, by its
+grid's fill of the SMs, the kernel beats XLA.
 """
 
 import dataclasses
@@ -20,6 +21,8 @@ SMEM_SLACK = 4_096
 # With promotion, columns of the `wgmma` accumulator: a wider warpgroup tile is promoted in chunks
 # of this many columns, so its registers are the float32 total plus one 64 x PROMOTE_N chunk.
 PROMOTE_N = 128
+# The CTA tile's N granularity (rows of the weight a CTA reads).
+N_MULTIPLE = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,34 +156,33 @@ def gemm_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> Gemm
     return fit_stages(config, out_itemsize, k)
 
 
-# (m_bucket, k, n) where the kernel measured at least 3% faster than the faster of XLA's fp8 paths
-# (both accumulating in float32) on an H100 (benchmarks/NOTES.md, "GPU kernels", v7); everywhere
-# else the registered fused path hands the GEMM to XLA. Buckets between two measured ones that
-# agree (256, 512, 2048) take their side; shapes and buckets not measured go to XLA. M <= 64 always
-# goes to XLA: at M = 1 its float32 reduction and at M = 16 cuBLASLt beat the kernel's swapped-operand
-# decode schedule (since removed; benchmarks/NOTES.md v7).
-_ALL_M = (128, 256, 512, 1024, 2048, 4096, 8192)
-KERNEL_FASTER_THAN_XLA: frozenset[tuple[int, int, int]] = frozenset(
-    {
-        # Llama-3-8B QKV: 370 vs 349 TFLOP/s at M=128, 1187-1273 vs 1002-1033 at M = 1024..8192.
-        *((m, 4096, 6144) for m in _ALL_M),
-        # Llama-3-8B gate/up: 593 vs 513 at M=128, 1244-1271 vs 1003-1033 at M = 1024..8192.
-        *((m, 4096, 28672) for m in _ALL_M),
-        # Llama-3-8B down: 1384-1430 vs 1258-1355 at M = 1024..8192 (335 vs 492 at M=128).
-        *((m, 14336, 4096) for m in _ALL_M[3:]),
-        # Llama-3-70B QKV: 584 vs 503 at M=128, 1266 vs 1218 at M=1024 (larger M not measured).
-        *((m, 8192, 10240) for m in _ALL_M[:4]),
-        # Llama-3-70B gate/up: 666 vs 614 at M=128, 1195-1347 vs 1138-1199 at M = 1024..8192.
-        *((m, 8192, 57344) for m in _ALL_M),
-        # Llama-3-70B down: 1330-1443 vs 1283-1399 at M = 1024..8192 (575 vs 654 at M=128).
-        *((m, 28672, 8192) for m in _ALL_M[3:]),
-        # 8192 x 8192: 1325-1345 vs 1224-1236 at M = 4096, 8192.
-        *((m, 8192, 8192) for m in _ALL_M[5:]),
-    }
-)
+def launch_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
+    """The config `scaled_mm` launches for `(m, k) @ (n, k).T` (N a multiple of 128): `gemm_config`
+    with the persistent pipeline kept only where the grid allows it (`fit_grid`)."""
+    config = gemm_config(m, k, n, out_itemsize, num_sms)
+    return fit_grid(config, -(-m // config.cluster_m) * config.cluster_m, n, num_sms)
 
 
-def kernel_is_faster(m: int, k: int, n: int) -> bool:
-    """Whether the measured table says the kernel beats XLA at this shape."""
-    m_bucket = 1 << max(0, (min(m, 8192) - 1).bit_length())
-    return (m_bucket, k, n) in KERNEL_FASTER_THAN_XLA
+# Where the kernel beats XLA's fp8 GEMM (cuBLASLt, float32 accumulation), by a rule calibrated on the
+# H200 grid of Llama-3-8B shapes and 8192^2 at M = 128 .. 8192 (benchmarks/NOTES.md, "H200 v1"):
+# - decode-sized M (one CTA row, M <= 64) stays with XLA: the kernel reads the weight at 0.7-2.4
+#   TB/s there, XLA at 1.0-3.3;
+# - the grid must fill the machine: under MIN_WAVES of the SMs' (clusters') slots the kernel leaves
+#   SMs idle where cuBLASLt splits K (M = 128 at K x N = 14336 x 4096: 293 against 533 TFLOP/s),
+#   from about one wave on it leads or ties (1.02-1.16x at M >= 1024);
+# - and a last partial wave must not idle a fifth of the slots or more (MIN_WAVE_EFFICIENCY), nor
+#   may N force the narrow 128x128 CTA: both cost the kernel 8-14% against XLA on the first check
+#   set of other models' shapes (1024 x 3584 x 4608: 0.73 of the slots busy; N = 3584).
+DECODE_M = 64
+MIN_WAVES = 0.9
+MIN_WAVE_EFFICIENCY = 0.8
+
+
+def kernel_is_faster(m: int, k: int, n: int, num_sms: int) -> bool:
+    """Whether the rule above sends the `(m, k) @ (n, k).T` GEMM (M as the plan buckets it) to the kernel."""
+    if m <= DECODE_M or n % DEFAULT_GEMM.cluster_n or n % N_MULTIPLE:
+        return False
+    config = launch_config(m, k, n, 2, num_sms)
+    slots = grid_slots(config, num_sms)
+    tiles = -(-m // config.cluster_m) * (n // config.cluster_n)
+    return tiles >= MIN_WAVES * slots and wave_efficiency(config, m, n, num_sms) >= MIN_WAVE_EFFICIENCY

@@ -222,6 +222,20 @@ def test_plan_runs_the_dequantized_block_gemm_on_cuda_from_4m_outputs(key, monke
     assert np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max() <= DEQUANT_TOLERANCE
 
 
+def test_dequant_upcast_follows_a_barrier(key):
+    """The dequantized GEMM's codes cross an optimization barrier before their upcast: without it
+    XLA:GPU folds the group quant's `f32 -> fp8 -> f32` away when both run in one program (the test
+    above then fails on a GPU, 2% off; on CPU only this structural check can fail)."""
+    qinput, weight, scale_a, scale_b = block_operands(key, 8, 256, 128)
+    text = (
+        jax.jit(block_scaled_mm.xla_block_dequant_w8a8_scaled_mm, static_argnums=(4, 6))
+        .lower(qinput, weight, scale_a, scale_b, BLOCK, None, jnp.float32)
+        .as_text()
+    )
+    barrier = text.index("stablehlo.optimization_barrier")
+    assert barrier < text.index("stablehlo.convert") < text.index("stablehlo.dot_general")
+
+
 def test_block_matmul_row_chunks_equal_one_shot(key, monkeypatch):
     """More rows than `PARTIAL_PRODUCT_BYTES` holds run in row chunks (the last one padded)."""
     qinput, weight, scale_a, scale_b = block_operands(key, 37, 576, 256)

@@ -134,6 +134,10 @@ def xla_block_dequant_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, block_siz
 
 @functools.partial(jax.jit, static_argnames=("block_size", "out_dtype"))
 def _xla_block_dequant(qinput, weight, scale_a, scale_b, bias, *, block_size, out_dtype):
+    # The codes cross a barrier before the upcast: where the same program quantized them, XLA:GPU
+    # would otherwise fold the `f32 -> fp8 -> f32` chain and multiply the unquantized activations
+    # (found on the H200: 2% off the fp8 reference at 1024 x 256 x 4096).
+    qinput, weight = scaled_mm.upcast_codes(qinput, weight)
     a = quantization.dequantize_weight(qinput, scale_a, (1, block_size[1]))
     w = quantization.dequantize_weight(weight, scale_b, block_size)
     if 1 in (a.shape[0], w.shape[0]):

@@ -1,7 +1,7 @@
 """The plan: which quantizer and which GEMM run for one fp8 linear layer and one input.
 
 This is the only place that decides. `plan` is a pure function of the layer's scheme, the shapes
-and dtypes, and the platform's fused kernel (its capabilities and measured table, passed in): it
+and dtypes, and the platform's fused kernel (its capabilities and measured rule, passed in): it
 calls vLLM's four-boolean tree (`scaled_mm.dispatch_w8a8_scaled_mm`) for the GEMM path, then
 refines the fused branch by what the kernel takes and where it measured faster, and picks the
 quantizer. `Fp8LinearOp` resolves the plan outside its jitted function and passes it in as static
@@ -59,7 +59,7 @@ class Plan:
       gemm: the GEMM's name: one of `scaled_mm`'s four paths, or "kernel.quant_scaled_mm".
       reason: why, in words (not part of equality: plans that run the same code are equal).
       kernel: the fused kernel whose functions the plan runs; None when it runs none of them.
-      depends_on_rows: whether another M could change the GEMM (the kernel's measured table was
+      depends_on_rows: whether another M could change the GEMM (the kernel's measured rule was
         read).
       block_size: `(bn, bk)` of a block scheme's weights (its activation group is bk); None otherwise.
     """
@@ -130,12 +130,12 @@ def plan(
     gemm = path.__name__
     depends_on_rows = gemm == FUSED_GEMM
     if gemm == FUSED_GEMM and not kernel.faster_than_xla(m, k, n):
-        # Not measured faster here: XLA's GEMM of the same (rowwise-scaled) math.
+        # Not faster here by the kernel's measured rule: XLA's GEMM of the same (rowwise-scaled) math.
         both_per_tensor = scheme.per_tensor_weights and per_tensor_activations
         gemm = (
             scaled_mm.xla_per_tensor_w8a8_scaled_mm if both_per_tensor else scaled_mm.xla_per_token_w8a8_scaled_mm
         ).__name__
-        why = f"the fused kernel is not measured faster than XLA at M={m}, K={k}, N={n}"
+        why = f"the fused kernel's measured rule says XLA is faster at M={m}, K={k}, N={n}"
     elif gemm != FUSED_GEMM and takes:
         why = f"{why}, but the tree picks XLA for this scheme"
 

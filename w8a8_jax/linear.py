@@ -277,7 +277,7 @@ class Fp8LinearOp:
     def gemm_path(self, weight, weight_scale, input_scale=None, use_per_token_if_dynamic=None, *, input=None):
         """The scaled-GEMM function `apply` would run for these parameters (for logs and notebooks).
 
-        Where a fused kernel takes the shape, whether it runs depends on M (its measured table):
+        Where a fused kernel takes the shape, whether it runs depends on M (its measured rule):
         then `input` (an array or `jax.ShapeDtypeStruct`, `(..., K)`) is required.
         """
         n, k = weight.shape

@@ -23,7 +23,7 @@ def _always(*args) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class FusedKernel:
-    """A platform's fused fp8 kernels and what they take: capabilities and measured tables only.
+    """A platform's fused fp8 kernels and what they take: capabilities and measured rules only.
 
     Which of them runs for a layer and an input is decided in one place, `dispatch.plan`, from these
     answers; the kernels themselves route nothing.
@@ -33,8 +33,8 @@ class FusedKernel:
         every scaled-GEMM path.
       supports_device: whether a given `jax.Device` can run the kernels (e.g. compute capability).
       supports_shape: `(k, n) -> bool`, whether the GEMM takes that contraction and output width.
-      faster_than_xla: `(m, k, n) -> bool`, the measured table: whether the GEMM beat XLA's fp8
-        GEMM at that (padded) shape. Where it did not, the plan runs XLA's GEMM of the same math.
+      faster_than_xla: `(m, k, n) -> bool`, the measured rule: whether the GEMM beats XLA's fp8
+        GEMM at that (bucketed) shape. Where it does not, the plan runs XLA's GEMM of the same math.
       fp8_dtypes: the fp8 dtypes the kernels take.
       per_token_quant: optional fused dynamic per-token quantizer,
         `(input (M, K), scale_ub (1,) | None, fp8_dtype) -> (q (M, K), scale (M, 1))`.

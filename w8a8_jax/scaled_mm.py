@@ -113,7 +113,7 @@ def fused_w8a8_scaled_mm(qinput, weight, scale_a, scale_b, bias, out_dtype) -> j
     """The platform's fused Pallas GEMM (scales and bias in its epilogue); see `platform`.
 
     Called directly it runs the kernel wherever the kernel takes the shape; `Fp8LinearOp`'s plan
-    also weighs the kernel's measured table (`dispatch.plan`).
+    also weighs the kernel's measured rule (`dispatch.plan`).
     """
     kernel = platform.fused_kernel()
     if kernel is None:

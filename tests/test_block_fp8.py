@@ -397,6 +397,35 @@ def test_plan_picks_a_registered_block_kernel_where_it_takes_the_shape(key):
         assert w8a8_jax.W8A8BlockFp8LinearOp(fused_supported=False).plan(x, weight, weight_scale).gemm == xla_gemm
 
 
+def test_plan_picks_a_registered_group_quant_kernel_where_it_takes_k(key):
+    """A group quant kernel registered on the platform quantizes the float input where its
+    `supports` says so, also ahead of XLA's block GEMM, else the XLA formula does."""
+    calls = []
+
+    def group_quant(x, group_size, fp8_dtype):
+        calls.append(x.shape)
+        return quantization.quantize_per_token_group(x, group_size, fp8_dtype)
+
+    kernel = FusedKernel(
+        scaled_mm=lambda *args: None,
+        supports_device=lambda device: True,
+        per_token_group_quant=group_quant,
+        per_token_group_quant_supports=lambda k, group_size, x_dtype, fp8_dtype: k % 256 == 0,
+    )
+    xla_gemm = dispatch.XLA_BLOCK_DEQUANT_GEMM if jax.default_backend() == "cpu" else dispatch.XLA_BLOCK_GEMM
+    weight, weight_scale = quantized_layer(key, 256, 512)
+    x = activations(jax.random.fold_in(key, 1), 8, 512)
+    with platform.override(fused_kernel=kernel):
+        op = w8a8_jax.W8A8BlockFp8LinearOp()
+        plan = op.plan(x, weight, weight_scale)
+        assert (plan.quantizer, plan.gemm, plan.kernel) == (dispatch.KERNEL_PER_TOKEN_GROUP_QUANT, xla_gemm, kernel)
+        out = op.apply(x, weight, weight_scale, out_dtype=jnp.float32)
+        reference.assert_gemm_close(out, op_reference(x, weight, weight_scale), 512, jnp.float32)
+        assert calls == [(8, 512)]
+        odd_weight, odd_scale = quantized_layer(key, 256, 640)
+        assert op.plan(activations(key, 8, 640), odd_weight, odd_scale).quantizer == dispatch.QUANTIZE_PER_TOKEN_GROUP
+
+
 @pytest.mark.parametrize(
     "call, error, match",
     [

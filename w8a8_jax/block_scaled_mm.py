@@ -165,6 +165,8 @@ def run_block_plan(plan: dispatch.Plan, x, weight, weight_scale, input_scale, bi
         return plan.kernel.quant_block_scaled_mm(x, weight, weight_scale, block_size, bias, out_dtype)
     if plan.quantizer is None:
         qinput, x_scale = x, input_scale
+    elif plan.quantizer == dispatch.KERNEL_PER_TOKEN_GROUP_QUANT:
+        qinput, x_scale = plan.kernel.per_token_group_quant(x, block_size[1], weight.dtype)
     else:
         qinput, x_scale = quantization.quantize_per_token_group(x, block_size[1], weight.dtype)
     if plan.gemm == dispatch.KERNEL_BLOCK_SCALED_MM:

@@ -16,6 +16,7 @@ Quantizers (`Plan.quantizer`):
   "kernel.per_token_quant"      the platform's fused per-token quant kernel
   "kernel.quant_scaled_mm"      inside the GEMM kernel, which then is the GEMM too
   "quantize_per_token_group"    XLA: one scale per row and group of bk (block schemes)
+  "kernel.per_token_group_quant" the platform's fused per-token-group quant kernel
   "kernel.quant_block_scaled_mm" inside the block GEMM kernel, which then is the GEMM too
 GEMMs (`Plan.gemm`): the names of `scaled_mm`'s paths, or "kernel.quant_scaled_mm"; for block
 schemes (`Plan.block_size` set) "xla_block_w8a8_scaled_mm" or "xla_block_dequant_w8a8_scaled_mm"
@@ -48,6 +49,7 @@ XLA_BLOCK_DEQUANT_GEMM = "xla_block_dequant_w8a8_scaled_mm"
 BLOCK_DEQUANT_MIN_OUTPUTS = 4 << 20
 KERNEL_BLOCK_SCALED_MM = "kernel.block_scaled_mm"
 KERNEL_QUANT_BLOCK_SCALED_MM = "kernel.quant_block_scaled_mm"
+KERNEL_PER_TOKEN_GROUP_QUANT = "kernel.per_token_group_quant"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +191,12 @@ def _block_plan(block_size, m, k, n, input_dtype, weight_dtype, out_dtype, kerne
     ):
         quantizer = gemm = KERNEL_QUANT_BLOCK_SCALED_MM
         quant_why = "quantized inside the block GEMM kernel"
+    elif (
+        kernel is not None
+        and kernel.per_token_group_quant is not None
+        and kernel.per_token_group_quant_supports(k, block_size[1], input_dtype, weight_dtype)
+    ):
+        quantizer, quant_why = KERNEL_PER_TOKEN_GROUP_QUANT, f"per token in groups of {block_size[1]}: the fused kernel"
     else:
         quantizer, quant_why = QUANTIZE_PER_TOKEN_GROUP, f"per token in groups of {block_size[1]}: the XLA formula"
     # M decides the CUDA formulation and may decide the kernel's `supports`.
@@ -199,7 +207,7 @@ def _block_plan(block_size, m, k, n, input_dtype, weight_dtype, out_dtype, kerne
         quantizer,
         gemm,
         f"GEMM: {why}; quantizer: {quant_why}",
-        kernel if takes else None,
+        kernel if takes or quantizer == KERNEL_PER_TOKEN_GROUP_QUANT else None,
         depends_on_rows,
         block_size=tuple(block_size),
     )

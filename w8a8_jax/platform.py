@@ -53,6 +53,11 @@ class FusedKernel:
         block_size, bias, out_dtype) -> (M, N)`.
       quant_block_scaled_mm_supports: `(m, k, n, block_size, input_dtype, fp8_dtype, out_dtype) ->
         bool`, the shapes it quantizes in-kernel.
+      per_token_group_quant: optional fused dynamic per-token-group quantizer, codes and scales
+        identical to `quantize_per_token_group`'s: `(x (M, K), group_size, fp8_dtype) -> (q (M, K),
+        scale (M, ceil(K / group_size)))`.
+      per_token_group_quant_supports: `(k, group_size, input_dtype, fp8_dtype) -> bool`, the inputs
+        it takes.
     """
 
     scaled_mm: ScaledMM
@@ -68,6 +73,8 @@ class FusedKernel:
     block_scaled_mm_supports: Callable[..., bool] = _always
     quant_block_scaled_mm: Callable[..., jax.Array] | None = None
     quant_block_scaled_mm_supports: Callable[..., bool] = _always
+    per_token_group_quant: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+    per_token_group_quant_supports: Callable[..., bool] = _always
 
 
 # Kernel packages register themselves on import; these are imported on the first query.

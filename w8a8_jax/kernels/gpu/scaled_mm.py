@@ -12,6 +12,10 @@ tiles; the epilogue stages the `(M,)` and `(N,)` scale vectors and the bias in s
 applies them to the accumulator in registers, casts, and stores through shared memory with TMA.
 Decode-sized M (<= 64) pads to one CTA row; the plan sends those shapes to XLA, which measured
 faster there (benchmarks/NOTES.md).
+
+The same schedule runs the block-scaled GEMM (`block_scaled_mm.py`): each k-step's activation
+scales then travel through the pipeline with the operands, and the promotion of each 128-column
+chunk multiplies it by its rows' scales times its weight block's scale; the epilogue adds the bias.
 """
 
 import functools
@@ -63,7 +67,7 @@ def _promoted_zeros(rows: int, cols: int):
     return tuple(_zeros((rows, chunk)) for _ in range(cols // chunk))
 
 
-def _mma_step(carry, a, b_nk, promote: bool):
+def _mma_step(carry, a, b_nk, promote: bool, scales=None):
     """One k-block of `wgmma`; with `promote`, its sum is added into float32 register totals.
 
     Hopper's fp8 `wgmma` accumulates with fewer bits than float32 (measured: relative error 7e-3
@@ -72,6 +76,9 @@ def _mma_step(carry, a, b_nk, promote: bool):
     adds, one column chunk of the totals (`_promoted_zeros`) at a time, so the `wgmma`
     accumulator is never wider than a chunk. fp8 `wgmma` takes K-major operands only: `b_nk` is
     the `(N, K)` tile, seen as `(K, N)`.
+
+    `scales` (block scaling): one `(rows,)` float32 vector per column chunk, in the accumulator's
+    row layout; each chunk's k-block sum is multiplied by it as it is promoted.
     """
     if not promote:
         plgpu.wgmma(carry, a, b_nk.transpose((1, 0)))
@@ -84,25 +91,29 @@ def _mma_step(carry, a, b_nk, promote: bool):
         return acc_ref[...]
 
     chunk = carry[0].shape[1]
-    return tuple(
-        total
-        + pl.run_scoped(
+
+    def promoted(i, total):
+        acc = pl.run_scoped(
             functools.partial(block, b_kn=b_nk.at[pl.ds(i * chunk, chunk)].transpose((1, 0))),
             plgpu.ACC(total.shape, jnp.float32),
         )
-        for i, total in enumerate(carry)
-    )
+        if scales is not None:
+            acc = acc * lax.broadcast_in_dim(scales[i], acc.shape, [0])
+        return total + acc
+
+    return tuple(promoted(i, total) for i, total in enumerate(carry))
 
 
 def _gemm_kernel(
     a_gmem,  # (Mp, K) fp8
     b_gmem,  # (N, K) fp8
-    scale_a_gmem,  # (Mp,) float32
-    scale_b_gmem,  # (N,) float32
+    scale_a_gmem,  # (Mp,) float32; block scales: (K / 128, Mp / tile_m, tile_m), k-block-major
+    scale_b_gmem,  # (N,) float32; block scales: (N / 128, K / 128)
     bias_gmem,  # (N,) float32 or None
     out_gmem,  # (Mp, N) out_dtype
     *,
     config: GemmConfig,
+    block_scales: bool,
 ):
     m, k = a_gmem.shape
     n = b_gmem.shape[0]
@@ -116,25 +127,31 @@ def _gemm_kernel(
     has_bias = bias_gmem is not None
     shared = ("cluster",)
 
+    in_specs = [
+        plgpu.BlockSpec(
+            (cta_m, tile_k),
+            lambda ki: (0, ki),
+            transforms=transforms,
+            collective_axes=shared if config.cluster == "n" else (),
+        ),
+        plgpu.BlockSpec(
+            (cta_n, tile_k),
+            lambda ki: (0, ki),
+            transforms=transforms,
+            collective_axes=shared if config.cluster == "m" else (),
+        ),
+    ]
+    if block_scales:
+        # The k-block's activation scales of the CTA's rows travel with its operands: one
+        # contiguous (cta_m,) slab of the k-block-major array per stage, a row of tile_m per warpgroup.
+        in_specs.append(plgpu.BlockSpec((1, cta_m // tile_m, tile_m), lambda ki: (ki, 0, 0)))
+
     def get_pipeline(body, compute_context, pipeline_state=None):
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_iters,),
             memory_registers=40,
-            in_specs=[
-                plgpu.BlockSpec(
-                    (cta_m, tile_k),
-                    lambda ki: (0, ki),
-                    transforms=transforms,
-                    collective_axes=shared if config.cluster == "n" else (),
-                ),
-                plgpu.BlockSpec(
-                    (cta_n, tile_k),
-                    lambda ki: (0, ki),
-                    transforms=transforms,
-                    collective_axes=shared if config.cluster == "m" else (),
-                ),
-            ],
+            in_specs=in_specs,
             wg_axis="wg",
             num_compute_wgs=2,
             max_concurrent_steps=config.stages,
@@ -147,10 +164,12 @@ def _gemm_kernel(
 
     @functools.partial(
         pl.run_scoped,
-        pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
+        pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(
+            a_gmem, b_gmem, *([scale_a_gmem] if block_scales else [])
+        ),
         out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=_out_transforms(epi_n, out_dtype)),
-        scale_a_smem=plgpu.SMEM((2, tile_m), jnp.float32),
-        scale_b_smem=plgpu.SMEM((2, tile_n), jnp.float32),
+        scale_a_smem=None if block_scales else plgpu.SMEM((2, tile_m), jnp.float32),
+        scale_b_smem=None if block_scales else plgpu.SMEM((2, tile_n), jnp.float32),
         bias_smem=plgpu.SMEM((2, tile_n), jnp.float32) if has_bias else None,
         vector_barriers=plgpu.Barrier(num_barriers=6),
         collective_axes="wg",
@@ -178,32 +197,36 @@ def _gemm_kernel(
                 wg_m_slice, wg_n_slice = slice(None), pl.ds(wg * tile_n, tile_n)
 
             def compute_context(eval_pipeline):
-                # The epilogue vectors travel while the k-loop runs.
-                plgpu.copy_gmem_to_smem(
-                    scale_a_gmem.at[pl.ds(wg_m0, tile_m)], scale_a_smem.at[wg], vector_barriers.at[3 * wg]
-                )
-                plgpu.copy_gmem_to_smem(
-                    scale_b_gmem.at[pl.ds(wg_n0, tile_n)], scale_b_smem.at[wg], vector_barriers.at[3 * wg + 1]
-                )
+                # The epilogue vectors travel while the k-loop runs (block scales apply in the loop).
+                if not block_scales:
+                    plgpu.copy_gmem_to_smem(
+                        scale_a_gmem.at[pl.ds(wg_m0, tile_m)], scale_a_smem.at[wg], vector_barriers.at[3 * wg]
+                    )
+                    plgpu.copy_gmem_to_smem(
+                        scale_b_gmem.at[pl.ds(wg_n0, tile_n)], scale_b_smem.at[wg], vector_barriers.at[3 * wg + 1]
+                    )
                 if has_bias:
                     plgpu.copy_gmem_to_smem(
                         bias_gmem.at[pl.ds(wg_n0, tile_n)], bias_smem.at[wg], vector_barriers.at[3 * wg + 2]
                     )
 
                 def epilogue(chunks):  # column chunks of the (tile_m, tile_n) float32 total, WGMMA layout
-                    plgpu.barrier_wait(vector_barriers.at[3 * wg])
-                    plgpu.barrier_wait(vector_barriers.at[3 * wg + 1])
+                    if not block_scales:
+                        plgpu.barrier_wait(vector_barriers.at[3 * wg])
+                        plgpu.barrier_wait(vector_barriers.at[3 * wg + 1])
+                        row_scale = plgpu.load(scale_a_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                     if has_bias:
                         plgpu.barrier_wait(vector_barriers.at[3 * wg + 2])
-                    row_scale = plgpu.load(scale_a_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     chunk_n = chunks[0].shape[1]
                     stores = 0
                     for c, acc in enumerate(chunks):
                         cols = pl.ds(c * chunk_n, chunk_n)
-                        col_scale = plgpu.load(scale_b_smem.at[wg, cols], layout=plgpu.Layout.WGMMA.reduce(0))
-                        out = acc * lax.broadcast_in_dim(row_scale, acc.shape, [0])
-                        out = out * lax.broadcast_in_dim(col_scale, acc.shape, [1])
+                        out = acc
+                        if not block_scales:
+                            col_scale = plgpu.load(scale_b_smem.at[wg, cols], layout=plgpu.Layout.WGMMA.reduce(0))
+                            out = out * lax.broadcast_in_dim(row_scale, acc.shape, [0])
+                            out = out * lax.broadcast_in_dim(col_scale, acc.shape, [1])
                         if has_bias:
                             bias = plgpu.load(bias_smem.at[wg, cols], layout=plgpu.Layout.WGMMA.reduce(0))
                             out = out + lax.broadcast_in_dim(bias, acc.shape, [1])
@@ -232,8 +255,22 @@ def _gemm_kernel(
                     def _acc_scope(acc_ref):
                         epilogue((eval_pipeline(acc_ref)[...],))
 
-            def mma_body(_, a_smem, b_smem, carry):
-                return _mma_step(carry, a_smem.at[wg_m_slice], b_smem.at[wg_n_slice], config.promote)
+            def mma_body(indices, a_smem, b_smem, *stages_and_carry):
+                *scale_stage, carry = stages_and_carry  # block scales: this k-step's scale_a slab
+                scales = None
+                if block_scales:
+                    # The warpgroup's row scales for this k-block times each 128-column chunk's
+                    # weight-block scale (a scalar from global memory, cached: 2 a CTA a k-block).
+                    (ki,) = indices
+                    row_scale = plgpu.load(
+                        scale_stage[0].at[0, wg if config.wg_split == "m" else 0],
+                        layout=plgpu.Layout.WGMMA.reduce(1),
+                    )
+                    first_block = wg_n0 // tbs.PROMOTE_N
+                    scales = tuple(
+                        row_scale * plgpu.load(scale_b_gmem.at[first_block + c, ki]) for c in range(len(carry))
+                    )
+                return _mma_step(carry, a_smem.at[wg_m_slice], b_smem.at[wg_n_slice], config.promote, scales)
 
             pipeline_state = None
             if config.persistent_pipeline:
@@ -245,9 +282,10 @@ def _gemm_kernel(
                     int(plgpu.PipelinePipeline.START),
                     jnp.where(last, int(plgpu.PipelinePipeline.STOP), int(plgpu.PipelinePipeline.STEADY)),
                 )
-            get_pipeline(mma_body, compute_context, pipeline_state)(
-                a_gmem.at[cta_m_slice, :], b_gmem.at[cta_n_slice, :], allocations=pipeline_allocs
-            )
+            operands = [a_gmem.at[cta_m_slice, :], b_gmem.at[cta_n_slice, :]]
+            if block_scales:
+                operands.append(scale_a_gmem.at[:, pl.ds(m_idx * (cta_m // tile_m), cta_m // tile_m), :])
+            get_pipeline(mma_body, compute_context, pipeline_state)(*operands, allocations=pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -266,12 +304,15 @@ def _compiler_params():
 
 
 def gemm_large_m(qinput, weight, scale_a, scale_b, bias, out_dtype, *, config: GemmConfig, interpret=False):
-    """The large-M schedule on padded operands: `qinput (Mp, K)` with Mp a multiple of config.cluster_m."""
+    """The large-M schedule on padded operands: `qinput (Mp, K)` with Mp a multiple of config.cluster_m;
+    rowwise `scale_a (Mp,)`, `scale_b (N,)`, or block scales `scale_a (K / 128, Mp / tile_m, tile_m)`,
+    `scale_b (N / 128, K / 128)` (`_gemm_kernel`)."""
     m, k = qinput.shape
     n = weight.shape[0]
+    block_scales = scale_a.ndim == 3
     cluster = {} if config.cluster is None else dict(cluster=(2,), cluster_names=("cluster",))
     kernel = plgpu.kernel(
-        functools.partial(_gemm_kernel, config=config),
+        functools.partial(_gemm_kernel, config=config, block_scales=block_scales),
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(tbs.grid_slots(config, platform.num_sms()),),
         grid_names=("sm",),
@@ -281,7 +322,8 @@ def gemm_large_m(qinput, weight, scale_a, scale_b, bias, out_dtype, *, config: G
         compiler_params=_compiler_params(),
         interpret=_interpret_params() if interpret else None,
     )
-    name = f"fp8_gemm_{config.cta_m}x{config.cta_n}x{config.tile_k}_s{config.stages}"
+    kind = "block_gemm" if block_scales else "gemm"
+    name = f"fp8_{kind}_{config.cta_m}x{config.cta_n}x{config.tile_k}_s{config.stages}"
     with jax.named_scope(name):
         return kernel(qinput, weight, scale_a, scale_b, bias)
 

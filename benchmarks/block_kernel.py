@@ -1,0 +1,315 @@
+"""Hopper block-scaled fp8 GEMM (DeepSeek-V3's 1x128 activation groups, 128x128 weight blocks):
+check it, then time it against XLA's block path, XLA bf16 and torch's blockwise `_scaled_mm`.
+
+One run, one device: the kernel against the float64 reference first (odd M, K and N off the
+blocks, bias, every out dtype, K up to 18432), then per (M, K, N) one row of `timing.compare` on
+the same operands: the kernel (`kernels.gpu.block_scaled_mm`), the block path the registered plan
+runs today (`w8a8_block_fp8_matmul`: XLA's dequantized or per-k-block GEMM) and XLA bf16 on the
+codes' bf16 copy, then `torch._scaled_mm` blockwise and `torch.mm` bf16 on the very same arrays
+(DLPack; fp8 as a uint8 view), then the JAX variants again. With `--e2e`,
+`W8A8BlockFp8LinearOp.apply` (bf16 in: the group quant, then the GEMM) with the kernel in the plan
+and without it, against XLA bf16.
+
+torch's blockwise call (torch 2.11 on sm90): `torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sb,
+out_dtype=torch.bfloat16)` with `a (M, K)` and `w (N, K)` e4m3fn, `sa` the `(M, KB)` activation
+scales stored k-block-major (the `(KB, M)` array, `.t()`), `sb` the `(NB, KB)` weight scales
+passed as `.t()`.
+
+  python3 benchmarks/block_kernel.py [--quick] [--ms M ...] [--kn K N ...] [--reps N] [--calls N]
+                                     [--r N] [--e2e] [--skip-checks] [--skip-cupti]
+                                     [--time-budget S] [--json PATH]
+
+Timing as in `gpu_kernels.py` (`timing.compare`): R (`--r`, default 8) distinct operand sets per
+jitted program, wall clock over `--calls` back-to-back calls blocked once, median of `--reps`
+samples, JAX before and after torch, CUPTI beside. Prints a short table last; everything goes to
+`$OUT/block_kernel.json` (or `--json`), rewritten after every row.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import reference
+import timing
+
+import w8a8_jax
+from w8a8_jax import layout, platform
+from w8a8_jax.kernels import gpu
+from w8a8_jax.kernels.gpu import block_scaled_mm as gpu_block
+
+try:
+    import torch
+except ImportError:  # the torch rows are then left out, and said so
+    torch = None
+
+BLOCK = (128, 128)
+M_VALUES = (1, 16, 64, 128, 1024, 4096, 8192)
+# DeepSeek-V3's block-fp8 layer shapes (K, N): e.g. 7168 x 2112 its fused q_a / kv_a projections,
+# 1536 x 24576 q_b, 16384 x 7168 the attention output, 18432 x 7168 the dense MLP's down projection.
+KN = ((7168, 2112), (7168, 24576), (1536, 24576), (16384, 7168), (7168, 18432), (18432, 7168), (2048, 7168))
+QUICK_MS = (1, 128, 4096)
+QUICK_KN = ((7168, 2112), (7168, 24576))
+R = 8
+CHECKS = (  # (M, K, N, bias, out dtype)
+    (1, 7168, 2112, True, jnp.bfloat16),
+    (16, 1536, 640, False, jnp.float16),
+    (130, 2048, 1024, True, jnp.bfloat16),
+    (300, 4100, 2000, True, jnp.bfloat16),  # K and N off the blocks: partial last blocks
+    (1024, 7168, 512, False, jnp.float32),
+    (256, 18432, 512, False, jnp.float32),  # the longest K: float32 promotion
+)
+
+
+def _codes(key, shape):
+    return jax.random.uniform(key, shape, jnp.float32, -1.5, 1.5).astype(jnp.float8_e4m3fn)
+
+
+def block_sets(key, m, k, n, r):
+    """R distinct `(a (M, K), w (N, K), scale_a (M, KB), scale_b (NB, KB))` with random codes and
+    scales: every timed call reads its own activation and weight."""
+    kb, nb = layout.num_blocks(k, BLOCK[1]), layout.num_blocks(n, BLOCK[0])
+    sets = []
+    for kk in jax.random.split(jax.random.fold_in(key, m * 131 + k * 7 + n), r):
+        ka, kw, ks, kt = jax.random.split(kk, 4)
+        sets.append(
+            (
+                _codes(ka, (m, k)),
+                _codes(kw, (n, k)),
+                jax.random.uniform(ks, (m, kb), jnp.float32, 0.01, 0.03),
+                jax.random.uniform(kt, (nb, kb), jnp.float32, 0.005, 0.015),
+            )
+        )
+    return sets
+
+
+def ours(a, w, sa, sb, bias=None, out_dtype=jnp.bfloat16):
+    return gpu_block.block_scaled_mm(a, w, sa, sb, BLOCK, bias, out_dtype)
+
+
+def xla_block(a, w, sa, sb):
+    """The block GEMM the registered plan runs (no block kernel registered: an XLA formulation)."""
+    return w8a8_jax.w8a8_block_fp8_matmul(a, w, sa, sb, list(BLOCK), jnp.bfloat16)
+
+
+def xla_bf16(a, w):
+    return jax.lax.dot_general(a, w, layout.CONTRACT_K, preferred_element_type=jnp.bfloat16)
+
+
+def check_block(results):
+    """The kernel against the float64 reference, every row and column."""
+    key = jax.random.key(0)
+    for m, k, n, with_bias, out_dtype in CHECKS:
+        key, kbias = jax.random.split(key)
+        a, w, sa, sb = block_sets(key, m, k, n, 1)[0]
+        bias = jax.random.normal(kbias, (n,), jnp.float32).astype(out_dtype) if with_bias else None
+        entry = dict(kind="block_check", m=m, k=k, n=n, bias=with_bias, out_dtype=jnp.dtype(out_dtype).name)
+        try:
+            out = np.asarray(jax.jit(ours, static_argnums=5)(a, w, sa, sb, bias, out_dtype), np.float64)
+            ref = reference.block_scaled_mm(a, w, sa, sb, BLOCK, bias)
+            err, tol = float(np.abs(out - ref).max() / np.abs(ref).max()), reference.gemm_tolerance(k, out_dtype)
+            entry.update(err=err, tol=tol, ok=bool(np.isfinite(out).all() and err <= tol))
+        except Exception as err:  # a failing case is reported, not fatal
+            entry.update(ok=False, error=f"{type(err).__name__}: {str(err)[:400]}")
+        results.append(entry)
+        print(json.dumps(entry), flush=True)
+
+
+def _torch_variants(sets, bf16_sets, row) -> dict:
+    """torch's blockwise and bf16 GEMMs on the JAX operands (DLPack), and in `row` how closely
+    torch's blockwise output agrees with the kernel's on the first set."""
+    t_sets = [
+        (timing.to_torch(a), timing.to_torch(w), timing.to_torch(sa.T), timing.to_torch(sb)) for a, w, sa, sb in sets
+    ]
+    t_bf16 = [tuple(timing.to_torch(x) for x in s) for s in bf16_sets]
+    variants = {
+        "torch_block": timing.Variant(
+            lambda a, w, sa_t, sb: torch._scaled_mm(
+                a, w.t(), scale_a=sa_t.t(), scale_b=sb.t(), out_dtype=torch.bfloat16
+            ),
+            t_sets,
+        ),
+        "torch_bf16": timing.Variant(lambda a, w: torch.mm(a, w.t()), t_bf16),
+    }
+    try:  # the same numbers on both sides, or the ratios mean nothing
+        a, w, sa_t, sb = t_sets[0]
+        theirs = torch._scaled_mm(a, w.t(), scale_a=sa_t.t(), scale_b=sb.t(), out_dtype=torch.bfloat16).double()
+        mine = torch.from_dlpack(jax.block_until_ready(ours(*sets[0]).astype(jnp.float32))).double()
+        row["agreement"] = float((mine - theirs).abs().max() / theirs.abs().max())
+    except Exception as err:
+        row["agreement"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return variants
+
+
+def derived(row) -> dict:
+    """TFLOP/s (wall clock, and CUPTI for JAX), weight TB/s at M <= 64, and the ratios the targets
+    are stated in (their time / ours: above 1 we lead)."""
+    m, k, n = row["m"], row["k"], row["n"]
+    flops = 2.0 * m * k * n
+    times = row["times"]
+    wall = {name: t["wall_s"] for name, t in times.items() if t.get("wall_s")}
+    out = dict(
+        tflops={name: flops / t / 1e12 for name, t in wall.items()},
+        cupti_tflops={name: flops / t["cupti_s"] / 1e12 for name, t in times.items() if t.get("cupti_s")},
+    )
+    if m <= 64:
+        out["weight_tbps"] = {name: n * k * (2 if name.endswith("bf16") else 1) / t / 1e12 for name, t in wall.items()}
+    pairs = (("ours_block", "torch_block"), ("ours_block", "xla_block"), ("op_kernel", "xla_bf16"))
+    pairs += (("op_xla", "xla_bf16"), ("xla_bf16", "torch_bf16"))
+    out["ratios"] = {f"{a}/{b}": wall[b] / wall[a] for a, b in pairs if a in wall and b in wall}
+    drift = [abs(t["drift"]) for t in times.values() if "drift" in t]
+    out["max_drift"] = max(drift, default=None)
+    return out
+
+
+def bench_block(results, ms, kns, args, save):
+    key = jax.random.key(2)
+    deadline = time.perf_counter() + args.time_budget
+    for k, n in kns:
+        for m in ms:
+            if time.perf_counter() > deadline:
+                results.append(dict(kind="block_skipped", m=m, k=k, n=n, why="time budget"))
+                continue
+            sets = block_sets(key, m, k, n, args.r)
+            bf16_sets = [(a.astype(jnp.bfloat16), w.astype(jnp.bfloat16)) for a, w, _, _ in sets]
+            row = dict(kind="block", m=m, k=k, n=n, r=args.r, calls=args.calls, repeats=args.reps)
+            jax_variants = {
+                "ours_block": timing.Variant(ours, sets),
+                "xla_block": timing.Variant(xla_block, sets),
+                "xla_bf16": timing.Variant(xla_bf16, bf16_sets),
+            }
+            if torch is None:
+                torch_variants, row["torch"] = {}, "not installed"
+            else:
+                torch_variants = _torch_variants(sets, bf16_sets, row)
+            row["times"] = timing.compare(
+                jax_variants, torch_variants, calls=args.calls, repeats=args.reps, cupti=not args.skip_cupti
+            )
+            row["derived"] = derived(row)
+            results.append(row)
+            print(json.dumps(dict(m=m, k=k, n=n, **row["derived"])), flush=True)
+            save()
+
+
+def bench_e2e(results, ms, kns, args, save):
+    """`W8A8BlockFp8LinearOp.apply` (bf16 in, bf16 out) with the block kernel in the plan
+    (`op_kernel`) and as registered today (`op_xla`), against XLA bf16 on the weights' bf16 copy."""
+    key = jax.random.key(5)
+    op = w8a8_jax.W8A8BlockFp8LinearOp()
+    for k, n in kns:
+        kw = jax.random.fold_in(key, k * n)
+        weights = [(w, sb) for _, w, _, sb in block_sets(kw, 1, k, n, args.r)]
+        for m in ms:
+            keys = jax.random.split(jax.random.fold_in(kw, m), args.r)
+            fp8_sets = [(jax.random.normal(kk, (m, k), jnp.bfloat16), w, sb) for kk, (w, sb) in zip(keys, weights)]
+            bf16_sets = [(x, w.astype(jnp.bfloat16)) for x, w, _ in fp8_sets]
+
+            def apply(x, w, sb):
+                return op.apply(x, w, sb, out_dtype=jnp.bfloat16)
+
+            with platform.override(fused_kernel=gpu.BLOCK_FUSED_KERNEL):
+                plan = op.plan(fp8_sets[0][0], *fp8_sets[0][1:])
+                kernel_times = timing.compare(
+                    {"op_kernel": timing.Variant(apply, fp8_sets)},
+                    {},
+                    calls=args.calls,
+                    repeats=args.reps,
+                    cupti=not args.skip_cupti,
+                )
+            times = timing.compare(
+                {"op_xla": timing.Variant(apply, fp8_sets), "xla_bf16": timing.Variant(xla_bf16, bf16_sets)},
+                {},
+                calls=args.calls,
+                repeats=args.reps,
+                cupti=not args.skip_cupti,
+            )
+            row = dict(kind="block_e2e", m=m, k=k, n=n, r=args.r, times={**kernel_times, **times})
+            row["plan"] = [plan.quantizer, plan.gemm]
+            row["derived"] = derived(row)
+            results.append(row)
+            print(json.dumps(dict(m=m, k=k, n=n, plan=row["plan"], **row["derived"])), flush=True)
+            save()
+
+
+def print_table(results):
+    print("\nblock GEMM, bf16 out, wall clock: TFLOP/s (M <= 64: weight TB/s); ratio = their time / ours")
+    cols = ["ours_block", "xla_block", "xla_bf16", "torch_block", "torch_bf16"]
+    print(f"{'M':>5} {'K':>6} {'N':>6} | " + " ".join(f"{c[:11]:>11}" for c in cols) + " | vs torch  vs xla  drift")
+    for r in results:
+        if r["kind"] != "block":
+            continue
+        d = r["derived"]
+        figures = d["weight_tbps"] if r["m"] <= 64 else d["tflops"]
+        cells = " ".join(f"{figures[c]:11.1f}" if c in figures else f"{'-':>11}" for c in cols)
+        vs_torch = d["ratios"].get("ours_block/torch_block", float("nan"))
+        vs_xla = d["ratios"].get("ours_block/xla_block", float("nan"))
+        drift = d["max_drift"] if d["max_drift"] is not None else float("nan")
+        print(f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells} | {vs_torch:8.2f} {vs_xla:6.2f} {drift:6.1%}")
+    e2e = [r for r in results if r["kind"] == "block_e2e"]
+    if e2e:
+        print("\nW8A8BlockFp8LinearOp.apply end to end (bf16 in), wall clock TFLOP/s, and over XLA bf16")
+        for r in e2e:
+            t, ratios = r["derived"]["tflops"], r["derived"]["ratios"]
+            cells = " ".join(f"{name} {v:7.1f}" for name, v in t.items())
+            print(
+                f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells} | kernel/bf16 "
+                f"{ratios.get('op_kernel/xla_bf16', float('nan')):.2f} xla/bf16 {ratios.get('op_xla/xla_bf16', float('nan')):.2f}"
+            )
+    checks = [r for r in results if r["kind"] == "block_check"]
+    print(f"\nchecks: {sum(bool(r['ok']) for r in checks)}/{len(checks)} passed")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two shapes at three M")
+    parser.add_argument("--ms", type=int, nargs="+", help="M values (default: the full list)")
+    parser.add_argument("--kn", type=int, nargs=2, action="append", help="a (K, N) pair; repeatable")
+    parser.add_argument("--reps", type=int, default=timing.REPEATS, help="samples per figure (median, spread)")
+    parser.add_argument("--calls", type=int, default=timing.CALLS, help="back-to-back calls per sample")
+    parser.add_argument("--r", type=int, default=R, help="distinct operand sets per call")
+    parser.add_argument("--e2e", action="store_true", help="also time W8A8BlockFp8LinearOp.apply against XLA bf16")
+    parser.add_argument("--e2e-ms", type=int, nargs="+", default=[1024, 4096], help="M values of the end-to-end rows")
+    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--skip-cupti", action="store_true")
+    parser.add_argument("--time-budget", type=float, default=420.0, help="seconds of GEMM rows; the rest are skipped")
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "block_kernel.json"))
+    args = parser.parse_args(argv)
+    results = [
+        dict(
+            kind="run",
+            command="python3 benchmarks/block_kernel.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+            device=jax.devices()[0].device_kind,
+            jax=jax.__version__,
+        )
+    ]
+    print(results[0], flush=True)
+
+    def save():
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+    if not args.skip_checks:
+        check_block(results)
+        save()
+    ms = args.ms or (QUICK_MS if args.quick else M_VALUES)
+    kns = [tuple(kn) for kn in args.kn] if args.kn else (QUICK_KN if args.quick else KN)
+    bench_block(results, ms, kns, args, save)
+    if args.e2e:
+        bench_e2e(results, args.e2e_ms, kns, args, save)
+    save()
+    print_table(results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -9,12 +9,16 @@ M)`, the layout the block GEMM (`block_scaled_mm`) reads, and returns their tran
 run in one program the two transposes cancel and no copy is made.
 
 Schedule: one warpgroup per 64 x 128 tile (64 tokens, one group), loaded straight from global
-memory in the `wgmma` accumulator layout, where each row's values sit in one quad of lanes: the
-group's amax is a reduction within the thread and the quad (no shared memory), the division is
-the per-token kernel's exact `f32(f64(x) * (1 / f64(s)))` (`quant.py` says why it is exact), and
-the codes and the 64 scales are stored from registers. M not a multiple of 64: the last row block
-is moved back to end at row M and overlaps the one before it, whose rows it writes again with the
-same values (M < 64 pads to 64 rows).
+memory in the 8-bit `wgmma` layout (4 elements a thread, each row's 16-column pieces in one quad
+of lanes: 32-byte loads a row piece for bf16): the group's amax is a reduction within the thread
+and the quad (no shared memory), the division is the per-token kernel's exact
+`f32(f64(x) * (1 / f64(s)))` (`quant.py` says why it is exact). The codes go through a shared-memory
+tile and one TMA store (stored from registers, a row piece would be 16 bytes, half a 32-byte
+sector; Mosaic GPU's layout inference finds no register layout for a swizzled tile here, so the
+tile is plain, at the price of bank conflicts on the shared-memory side); the 64 scales are stored
+from registers. M not a multiple of 64: the last row
+block is moved back to end at row M and overlaps the one before it, whose rows it writes again
+with the same values (M < 64 pads to 64 rows).
 """
 
 import functools
@@ -49,15 +53,22 @@ def _group_quant_kernel(x_gmem, q_gmem, s_gmem):
     row0 = jnp.minimum(lax.axis_index("rows") * ROWS, m - ROWS)
     group = lax.axis_index("groups")
     rows, cols = pl.ds(row0, ROWS), pl.ds(group * GROUP, GROUP)
-    x = plgpu.load(x_gmem.at[rows, cols], layout=plgpu.Layout.WGMMA, optimized=False).astype(jnp.float32)
+    x = plgpu.load(x_gmem.at[rows, cols], layout=plgpu.Layout.WGMMA_8BIT, optimized=False).astype(jnp.float32)
     magnitude = jnp.abs(x)
     amax = jnp.max(jnp.where(magnitude < jnp.inf, magnitude, 0.0), axis=1)  # NaN and ±Inf count as 0
     scale = quantization.true_divide(jnp.maximum(amax, jnp.float32(quantization.GROUP_EPS)), jnp.float32(bound))
     with jax.enable_x64(True):
         inverse = lax.broadcast_in_dim(1.0 / scale.astype(jnp.float64), x.shape, [0])
         quotient = (x.astype(jnp.float64) * inverse).astype(jnp.float32)
-    q_gmem[rows, cols] = jnp.clip(quotient, -bound, bound).astype(jnp.float8_e4m3fn)
+    codes = jnp.clip(quotient, -bound, bound).astype(jnp.float8_e4m3fn)
     s_gmem[group, rows] = scale
+
+    @functools.partial(pl.run_scoped, q_smem=plgpu.SMEM((ROWS, GROUP), jnp.float8_e4m3fn))
+    def _store(q_smem):
+        q_smem[...] = codes
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, q_gmem.at[rows, cols])
+        plgpu.wait_smem_to_gmem(0)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))

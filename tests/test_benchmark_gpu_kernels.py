@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -108,3 +109,13 @@ def test_main_runs_the_gemm_and_quant_rows_on_cpu(tmp_path, monkeypatch, capsys)
     (q,) = [r for r in saved if r["kind"] == "quant"]
     assert (q["m"], q["k"]) == (4, 256) and set(q["TBps"]) >= {"ours", "xla", "copy"}
     assert "GEMM, bf16 out" in capsys.readouterr().out
+
+
+def test_profile_launcher_operands_carry_each_kind_of_scale():
+    import profile_gemm
+
+    a, w, scale_a, scale_w = profile_gemm.operands(5, 300, 130)
+    assert (a.shape, w.shape, scale_a.shape, scale_w.shape) == ((5, 300), (130, 300), (5, 1), (130, 1))
+    a, w, scale_a, scale_w = profile_gemm.operands(5, 300, 130, block=True)
+    assert (scale_a.shape, scale_w.shape) == ((5, 3), (2, 3))  # (M, ceil(K/128)), (ceil(N/128), ceil(K/128))
+    assert a.dtype == w.dtype == np.uint8 and (scale_a > 0).all() and (scale_w > 0).all()

@@ -154,21 +154,11 @@ def _torch_variants(sets, bf16_sets, row) -> dict:
 def derived(row) -> dict:
     """TFLOP/s (wall clock, and CUPTI for JAX), weight TB/s at M <= 64, and the ratios the targets
     are stated in (their time / ours: above 1 we lead)."""
-    m, k, n = row["m"], row["k"], row["n"]
-    flops = 2.0 * m * k * n
-    times = row["times"]
-    wall = {name: t["wall_s"] for name, t in times.items() if t.get("wall_s")}
-    out = dict(
-        tflops={name: flops / t / 1e12 for name, t in wall.items()},
-        cupti_tflops={name: flops / t["cupti_s"] / 1e12 for name, t in times.items() if t.get("cupti_s")},
-    )
-    if m <= 64:
-        out["weight_tbps"] = {name: n * k * (2 if name.endswith("bf16") else 1) / t / 1e12 for name, t in wall.items()}
+    out = timing.gemm_figures(row["times"], row["m"], row["k"], row["n"])
+    wall = timing.wall_times(row["times"])
     pairs = (("ours_block", "torch_block"), ("ours_block", "xla_block"), ("op_kernel", "xla_bf16"))
     pairs += (("op_xla", "xla_bf16"), ("xla_bf16", "torch_bf16"))
     out["ratios"] = {f"{a}/{b}": wall[b] / wall[a] for a, b in pairs if a in wall and b in wall}
-    drift = [abs(t["drift"]) for t in times.values() if "drift" in t]
-    out["max_drift"] = max(drift, default=None)
     return out
 
 

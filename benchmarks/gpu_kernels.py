@@ -304,17 +304,8 @@ def derived(row) -> dict:
     """A GEMM row's TFLOP/s (wall clock, and CUPTI for JAX), weight TB/s at M <= 64 (the bytes a
     decode GEMM must read), and the ratios the targets are stated in (torch time / our time: above
     1 we lead)."""
-    m, k, n = row["m"], row["k"], row["n"]
-    flops = 2.0 * m * k * n
-    times = row["times"]
-    wall = {name: t["wall_s"] for name, t in times.items() if t.get("wall_s")}
-    out = dict(
-        tflops={name: flops / t / 1e12 for name, t in wall.items()},
-        cupti_tflops={name: flops / t["cupti_s"] / 1e12 for name, t in times.items() if t.get("cupti_s")},
-    )
-    if m <= 64:
-        weight_bytes = {name: n * k * (2 if name.endswith("bf16") else 1) for name in wall}
-        out["weight_tbps"] = {name: weight_bytes[name] / t / 1e12 for name, t in wall.items()}
+    out = timing.gemm_figures(row["times"], row["m"], row["k"], row["n"])
+    wall = timing.wall_times(row["times"])
     # The timed variant that runs what the plan picked (per-tensor scales on the kernel: its
     # per-tensor row where it was timed).
     plan = {f"plan_{g}": _PLAN_VARIANTS.get(row.get(f"plan_{g}")) for g in ("rowwise", "tensor")}
@@ -333,8 +324,6 @@ def derived(row) -> dict:
             ratios[f"{mine}/{theirs}"] = wall[theirs] / wall[timed]
     out["ratios"] = ratios
     out["plan_variants"] = plan
-    drift = [t["drift"] for t in times.values() if "drift" in t]
-    out["max_drift"] = max((abs(d) for d in drift), default=None)
     return out
 
 

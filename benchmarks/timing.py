@@ -155,6 +155,31 @@ def summary(samples) -> dict:
     return dict(median=median, min=min(samples), max=max(samples), spread=(max(samples) - min(samples)) / median)
 
 
+# Rows at or below this M also report the weight's bytes/s: a decode GEMM reads its weight once.
+DECODE_M = 64
+
+
+def wall_times(entries: dict) -> dict:
+    """`{name: wall_s}` of `compare`'s entries that were timed (failures left out)."""
+    return {name: t["wall_s"] for name, t in entries.items() if t.get("wall_s")}
+
+
+def gemm_figures(entries: dict, m: int, k: int, n: int) -> dict:
+    """An `(M, K) x (K, N)` GEMM row's figures from `compare`'s entries: TFLOP/s by wall clock and
+    (JAX) by CUPTI, weight TB/s at M <= DECODE_M (2 bytes a weight for a `*bf16` variant, else 1),
+    and the largest drift between a JAX variant's two passes."""
+    flops = 2.0 * m * k * n
+    wall = wall_times(entries)
+    out = dict(
+        tflops={name: flops / t / 1e12 for name, t in wall.items()},
+        cupti_tflops={name: flops / t["cupti_s"] / 1e12 for name, t in entries.items() if t.get("cupti_s")},
+    )
+    if m <= DECODE_M:
+        out["weight_tbps"] = {name: n * k * (2 if name.endswith("bf16") else 1) / t / 1e12 for name, t in wall.items()}
+    out["max_drift"] = max((abs(t["drift"]) for t in entries.values() if "drift" in t), default=None)
+    return out
+
+
 def _failure(err: Exception) -> dict:
     return dict(error=f"{type(err).__name__}: {str(err)[:300]}")
 

@@ -6,9 +6,11 @@ blocks, bias, every out dtype, K up to 18432), then per (M, K, N) one row of `ti
 the same operands: the kernel (`kernels.gpu.block_scaled_mm`), the block path the registered plan
 runs today (`w8a8_block_fp8_matmul`: XLA's dequantized or per-k-block GEMM) and XLA bf16 on the
 codes' bf16 copy, then `torch._scaled_mm` blockwise and `torch.mm` bf16 on the very same arrays
-(DLPack; fp8 as a uint8 view), then the JAX variants again. With `--e2e`,
-`W8A8BlockFp8LinearOp.apply` (bf16 in: the group quant, then the GEMM) with the kernel in the plan
-and without it, against XLA bf16.
+(DLPack; fp8 as a uint8 view), then the JAX variants again. Then the group quant (bf16 in): the
+kernel (`kernels.gpu.group_quant`), XLA's formula and a bf16 copy, in bytes/s. With `--e2e`,
+`W8A8BlockFp8LinearOp.apply` (bf16 in: the group quant, then the GEMM) with the kernels in the plan
+and without them, against XLA bf16, with the kernels each program launches (from its optimized
+HLO: whether the scales' transpose between quant and GEMM is a kernel of its own).
 
 torch's blockwise call (torch 2.11 on sm90): `torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sb,
 out_dtype=torch.bfloat16)` with `a (M, K)` and `w (N, K)` e4m3fn, `sa` the `(M, KB)` activation
@@ -16,7 +18,7 @@ scales stored k-block-major (the `(KB, M)` array, `.t()`), `sb` the `(NB, KB)` w
 passed as `.t()`.
 
   python3 benchmarks/block_kernel.py [--quick] [--ms M ...] [--kn K N ...] [--reps N] [--calls N]
-                                     [--r N] [--e2e] [--skip-checks] [--skip-cupti]
+                                     [--r N] [--e2e] [--skip-checks] [--skip-quant] [--skip-cupti]
                                      [--time-budget S] [--json PATH]
 
 Timing as in `gpu_kernels.py` (`timing.compare`): R (`--r`, default 8) distinct operand sets per
@@ -26,8 +28,10 @@ samples, JAX before and after torch, CUPTI beside. Prints a short table last; ev
 """
 
 import argparse
+import collections
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -44,9 +48,10 @@ import reference
 import timing
 
 import w8a8_jax
-from w8a8_jax import layout, platform
+from w8a8_jax import layout, platform, quantization
 from w8a8_jax.kernels import gpu
 from w8a8_jax.kernels.gpu import block_scaled_mm as gpu_block
+from w8a8_jax.kernels.gpu import group_quant
 
 try:
     import torch
@@ -60,6 +65,7 @@ M_VALUES = (1, 16, 64, 128, 1024, 4096, 8192)
 KN = ((7168, 2112), (7168, 24576), (1536, 24576), (16384, 7168), (7168, 18432), (18432, 7168), (2048, 7168))
 QUICK_MS = (1, 128, 4096)
 QUICK_KN = ((7168, 2112), (7168, 24576))
+QUANT_SHAPES = ((1024, 7168), (4096, 7168), (8192, 7168), (4096, 18432))  # (M, K)
 R = 8
 CHECKS = (  # (M, K, N, bias, out dtype)
     (1, 7168, 2112, True, jnp.bfloat16),
@@ -225,10 +231,71 @@ def bench_e2e(results, ms, kns, args, save):
             )
             row = dict(kind="block_e2e", m=m, k=k, n=n, r=args.r, times={**kernel_times, **times})
             row["plan"] = [plan.quantizer, plan.gemm]
+            with platform.override(fused_kernel=gpu.BLOCK_FUSED_KERNEL):
+                row["kernels_with_the_block_kernels"] = entry_kernels(
+                    jax.jit(apply).lower(*fp8_sets[0]).compile().as_text()
+                )
             row["derived"] = derived(row)
             results.append(row)
             print(json.dumps(dict(m=m, k=k, n=n, plan=row["plan"], **row["derived"])), flush=True)
             save()
+
+
+def bench_group_quant(results, shapes, args, save):
+    """Per-token-group quant (bf16 in, groups of 128): the kernel, XLA's formula and a bf16 copy in
+    one `timing.compare` (JAX only), in bytes/s: 2 + 1 bytes an element and 4 a group; the copy
+    moves 4 bytes an element. The kernel's codes and scales are checked bit for bit first."""
+    key = jax.random.key(3)
+    for m, k in shapes:
+        keys = jax.random.split(jax.random.fold_in(key, m * k), args.r)
+        xs = [(jax.random.normal(kk, (m, k), jnp.float32).astype(jnp.bfloat16),) for kk in keys]
+        variants = {
+            "ours": lambda x: group_quant.per_token_group_quant(x, BLOCK[1], jnp.float8_e4m3fn),
+            "xla": lambda x: quantization.quantize_per_token_group(x, BLOCK[1], jnp.float8_e4m3fn),
+            "copy": lambda x: x + jnp.bfloat16(1),
+        }
+        row = dict(kind="group_quant", m=m, k=k, r=args.r)
+        try:
+            (q, s), (q_ref, s_ref) = (jax.jit(variants[name])(*xs[0]) for name in ("ours", "xla"))
+            row["identical"] = bool(
+                (np.asarray(q).view(np.uint8) == np.asarray(q_ref).view(np.uint8)).all()
+                and (np.asarray(s) == np.asarray(s_ref)).all()
+            )
+        except Exception as err:  # recorded; the timing says the rest
+            row["identical"] = f"{type(err).__name__}: {str(err)[:300]}"
+        row["times"] = timing.compare(
+            {name: timing.Variant(fn, xs) for name, fn in variants.items()},
+            {},
+            calls=args.calls,
+            repeats=args.reps,
+            cupti=not args.skip_cupti,
+        )
+        moved = {name: 4 * m * k if name == "copy" else 3 * m * k + 4 * m * (k // BLOCK[1]) for name in variants}
+        row["TBps"] = {name: moved[name] / t / 1e12 for name, t in timing.wall_times(row["times"]).items()}
+        if row["TBps"].get("ours") and row["TBps"].get("copy"):
+            row["ours_over_copy"] = row["TBps"]["ours"] / row["TBps"]["copy"]
+        results.append(row)
+        print(json.dumps(dict(m=m, k=k, identical=row["identical"], TBps=row["TBps"])), flush=True)
+        save()
+
+
+def entry_kernels(hlo_text: str) -> dict:
+    """The work a compiled program launches, from its optimized HLO text: the ENTRY computation's
+    instructions counted by opcode (a fusion with its kind, a custom call with its target), leaving
+    out parameters, constants, tuples and bitcasts."""
+    entry = hlo_text[hlo_text.index("\nENTRY") :].split("\n}", 1)[0]
+    counts = collections.Counter()
+    for line in entry.splitlines()[1:]:
+        if " = " not in line:
+            continue
+        rhs = line.split(" = ", 1)[1]
+        opcode = re.search(r"\s([a-z][a-z0-9-]*)\(", " " + rhs)
+        if opcode is None or opcode.group(1) in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
+            continue
+        name = opcode.group(1)
+        detail = re.search(r'kind=(\w+)|custom_call_target="([^"]+)"', rhs)
+        counts[f"{name}:{detail.group(1) or detail.group(2)}" if detail else name] += 1
+    return dict(counts)
 
 
 def print_table(results):
@@ -255,6 +322,13 @@ def print_table(results):
                 f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells} | kernel/bf16 "
                 f"{ratios.get('op_kernel/xla_bf16', float('nan')):.2f} xla/bf16 {ratios.get('op_xla/xla_bf16', float('nan')):.2f}"
             )
+    quant = [r for r in results if r["kind"] == "group_quant"]
+    if quant:
+        print("\ngroup quant, bf16 in, TB/s, wall clock")
+        for r in quant:
+            cells = " ".join(f"{name} {v:5.2f}" for name, v in r["TBps"].items())
+            ratio = r.get("ours_over_copy", float("nan"))
+            print(f"{r['m']:>5} x {r['k']:>6}: {cells} | ours/copy {ratio:.2f} identical {r['identical']}")
     checks = [r for r in results if r["kind"] == "block_check"]
     print(f"\nchecks: {sum(bool(r['ok']) for r in checks)}/{len(checks)} passed")
 
@@ -270,6 +344,8 @@ def main(argv=None):
     parser.add_argument("--e2e", action="store_true", help="also time W8A8BlockFp8LinearOp.apply against XLA bf16")
     parser.add_argument("--e2e-ms", type=int, nargs="+", default=[1024, 4096], help="M values of the end-to-end rows")
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--skip-quant", action="store_true")
+    parser.add_argument("--quant-shapes", type=int, nargs=2, action="append", help="an (M, K) of the quant rows")
     parser.add_argument("--skip-cupti", action="store_true")
     parser.add_argument("--time-budget", type=float, default=420.0, help="seconds of GEMM rows; the rest are skipped")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "block_kernel.json"))
@@ -294,6 +370,9 @@ def main(argv=None):
     ms = args.ms or (QUICK_MS if args.quick else M_VALUES)
     kns = [tuple(kn) for kn in args.kn] if args.kn else (QUICK_KN if args.quick else KN)
     bench_block(results, ms, kns, args, save)
+    if not args.skip_quant:
+        shapes = [tuple(s) for s in args.quant_shapes] if args.quant_shapes else QUANT_SHAPES
+        bench_group_quant(results, shapes, args, save)
     if args.e2e:
         bench_e2e(results, args.e2e_ms, kns, args, save)
     save()

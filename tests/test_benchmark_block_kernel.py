@@ -47,16 +47,14 @@ def test_main_runs_the_check_gemm_and_e2e_rows_on_cpu(tmp_path, monkeypatch, cap
     interpret = functools.partial(gpu_block.block_scaled_mm, interpret=True)
     monkeypatch.setattr(block_kernel, "torch", None)
     monkeypatch.setattr(block_kernel.gpu_block, "block_scaled_mm", interpret)
-    kernel = dataclasses.replace(
-        gpu.BLOCK_FUSED_KERNEL,
-        block_scaled_mm=interpret,
-        per_token_group_quant=functools.partial(group_quant.per_token_group_quant, interpret=True),
-    )
+    quant = functools.partial(group_quant.per_token_group_quant, interpret=True)
+    monkeypatch.setattr(block_kernel.group_quant, "per_token_group_quant", quant)
+    kernel = dataclasses.replace(gpu.BLOCK_FUSED_KERNEL, block_scaled_mm=interpret, per_token_group_quant=quant)
     monkeypatch.setattr(block_kernel.gpu, "BLOCK_FUSED_KERNEL", kernel)
     monkeypatch.setattr(block_kernel, "CHECKS", ((5, 200, 130, True, jnp.bfloat16),))
     path = tmp_path / "block_kernel.json"
     argv = ["--skip-cupti", "--ms", "3", "--kn", "256", "384", "--r", "2", "--reps", "2", "--calls", "2"]
-    argv += ["--e2e", "--e2e-ms", "5", "--json", str(path)]
+    argv += ["--e2e", "--e2e-ms", "5", "--quant-shapes", "3", "256", "--json", str(path)]
     block_kernel.main(argv)
     saved = json.loads(path.read_text())
     assert saved[0]["kind"] == "run" and "--ms 3" in saved[0]["command"]
@@ -69,4 +67,28 @@ def test_main_runs_the_check_gemm_and_e2e_rows_on_cpu(tmp_path, monkeypatch, cap
     (e2e,) = [r for r in saved if r["kind"] == "block_e2e"]
     assert set(e2e["times"]) == {"op_kernel", "op_xla", "xla_bf16"}
     assert e2e["plan"] == ["kernel.per_token_group_quant", "kernel.block_scaled_mm"]
+    assert sum(e2e["kernels_with_the_block_kernels"].values()) >= 2  # on CPU: fusions and the interpreter's calls
+    (quant,) = [r for r in saved if r["kind"] == "group_quant"]
+    assert quant["identical"] is True and set(quant["TBps"]) == {"ours", "xla", "copy"}
     assert "checks: 1/1 passed" in capsys.readouterr().out
+
+
+def test_entry_kernels_counts_what_the_program_launches():
+    text = """HloModule m
+
+%fused (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %s = f32[4]{0} sine(f32[4]{0} %p)
+}
+
+ENTRY %main (a: f32[4], b: f32[4,4]) -> (f32[4], f32[4,4]) {
+  %a = f32[4]{0} parameter(0)
+  %b = f32[4,4]{1,0} parameter(1)
+  %fusion = f32[4]{0} fusion(f32[4]{0} %a), kind=kLoop, calls=%fused
+  %custom-call = f32[4,4]{1,0} custom-call(f32[4,4]{1,0} %b), custom_call_target="mosaic_gpu_v2"
+  %copy = f32[4,4]{0,1} copy(f32[4,4]{1,0} %custom-call)
+  %bitcast = f32[4]{0} bitcast(f32[4]{0} %fusion)
+  ROOT %tuple = (f32[4]{0}, f32[4,4]{0,1}) tuple(f32[4]{0} %bitcast, f32[4,4]{0,1} %copy)
+}
+"""
+    assert block_kernel.entry_kernels(text) == {"fusion:kLoop": 1, "custom-call:mosaic_gpu_v2": 1, "copy": 1}

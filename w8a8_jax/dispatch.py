@@ -9,15 +9,15 @@ configuration, so the plan is part of the compilation cache key: a kernel regist
 overridden later takes effect on the next call.
 
 Quantizers (`Plan.quantizer`):
-  None                          fp8 input, already quantized with its `input_scale`
-  "quantize_per_tensor"         XLA: static scale, `fp8(clamp(x * (1 / s)))`
-  "quantize_dynamic_per_tensor" XLA: one scale from the amax of the whole input
-  "quantize_per_token"          XLA: one scale per row
-  "kernel.per_token_quant"      the platform's fused per-token quant kernel
-  "kernel.quant_scaled_mm"      inside the GEMM kernel, which then is the GEMM too
-  "quantize_per_token_group"    XLA: one scale per row and group of bk (block schemes)
-  "kernel.per_token_group_quant" the platform's fused per-token-group quant kernel
-  "kernel.quant_block_scaled_mm" inside the block GEMM kernel, which then is the GEMM too
+  None                             fp8 input, already quantized with its `input_scale`
+  "quantize_per_tensor"            XLA: static scale, `fp8(clamp(x * (1 / s)))`
+  "quantize_dynamic_per_tensor"    XLA: one scale from the amax of the whole input
+  "quantize_per_token"             XLA: one scale per row
+  "kernel.per_token_quant"         the platform's fused per-token quant kernel
+  "kernel.quant_scaled_mm"         inside the GEMM kernel, which then is the GEMM too
+  "quantize_per_token_group"       XLA: one scale per row and group of bk (block schemes)
+  "kernel.per_token_group_quant"   the platform's fused per-token-group quant kernel
+  "kernel.quant_block_scaled_mm"   inside the block GEMM kernel, which then is the GEMM too
 GEMMs (`Plan.gemm`): the names of `scaled_mm`'s paths, or "kernel.quant_scaled_mm"; for block
 schemes (`Plan.block_size` set) "xla_block_w8a8_scaled_mm" or "xla_block_dequant_w8a8_scaled_mm"
 (`block_scaled_mm`), "kernel.block_scaled_mm" or "kernel.quant_block_scaled_mm".

@@ -80,6 +80,7 @@ def test_interpret(key, m, k, n, with_bias, out_dtype):
         tbs.NARROW_GEMM,
         tbs.GemmConfig(cluster="n", persistent_pipeline=True),  # the activation tile multicast
         tbs.GemmConfig(wg_split="n"),  # warpgroups side by side along N: each its own weight block
+        tbs.GemmConfig(wg_split="n", tile_n=256),  # 4 weight blocks a CTA
         tbs.GemmConfig(tile_n=256, cluster=None, stages=2),
     ],
     ids=str,
@@ -173,14 +174,20 @@ def test_block_op_plans_and_runs_the_kernels(key):
         assert op.plan(q_x, weight, weight_scale, input_scale=s_x).gemm == dispatch.KERNEL_BLOCK_SCALED_MM
         out_float = op.apply(x, weight, weight_scale, out_dtype=jnp.float32)
         out_codes = op.apply(q_x, weight, weight_scale, input_scale=s_x, out_dtype=jnp.float32)
+        # 64x128 blocks: the GEMM cannot tile them (XLA's runs), the group quant still takes K.
         narrow = w8a8_jax.W8A8BlockFp8LinearOp(weight_group_shape=(64, 128))
-        narrow_scale = jnp.ones((n // 64, layout.num_blocks(k, 128)), jnp.float32)
-        assert narrow.plan(x, weight, narrow_scale).gemm != dispatch.KERNEL_BLOCK_SCALED_MM
-    assert calls == ["quant", "gemm", "gemm"], calls  # traced once for float input, once for codes
+        narrow_scale = jax.random.uniform(ks[1], (n // 64, layout.num_blocks(k, 128)), jnp.float32, 1e-3, 2e-3)
+        narrow_plan = narrow.plan(x, weight, narrow_scale)
+        assert narrow_plan.quantizer == dispatch.KERNEL_PER_TOKEN_GROUP_QUANT, narrow_plan
+        assert narrow_plan.gemm != dispatch.KERNEL_BLOCK_SCALED_MM
+        out_narrow = narrow.apply(x, weight, narrow_scale, out_dtype=jnp.float32)
+    assert calls == ["quant", "gemm", "gemm", "quant"], calls  # traced once for each program
     x_codes, x_scales = reference.quant_per_token_group(x, 128)
     ref = reference.block_scaled_mm(x_codes, weight, x_scales, weight_scale, BLOCK)
     for out in (out_float, out_codes):
         assert relative_error(out, ref) <= reference.gemm_tolerance(k, jnp.float32)
+    ref_narrow = reference.block_scaled_mm(x_codes, weight, x_scales, narrow_scale, (64, 128))
+    assert relative_error(out_narrow, ref_narrow) <= reference.gemm_tolerance(k, jnp.float32)
     assert gpu.FUSED_KERNEL.block_scaled_mm is None and gpu.FUSED_KERNEL.per_token_group_quant is None
 
 

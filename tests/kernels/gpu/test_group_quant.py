@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import reference
 from tests.kernels.gpu.test_lowering import lowers_to_mosaic_gpu, spec
 from w8a8_jax import quantization
 from w8a8_jax.kernels.gpu import group_quant, supports_device
@@ -26,12 +27,16 @@ def groups_of_every_kind(key, m, k, dtype):
 
 
 def check_identical(x, *, interpret):
+    """Bit for bit against the NumPy reference and against the XLA formula the plan runs otherwise."""
     q, scale = group_quant.per_token_group_quant(x, 128, jnp.float8_e4m3fn, interpret=interpret)
-    q_ref, scale_ref = quantization.quantize_per_token_group(x, 128, jnp.float8_e4m3fn)
     assert q.dtype == jnp.float8_e4m3fn and q.shape == x.shape
     assert scale.dtype == jnp.float32 and scale.shape == (x.shape[0], x.shape[1] // 128)
-    np.testing.assert_array_equal(np.asarray(scale), np.asarray(scale_ref))
-    np.testing.assert_array_equal(np.asarray(q).view(np.uint8), np.asarray(q_ref).view(np.uint8))
+    for q_ref, scale_ref in (
+        reference.quant_per_token_group(x, 128),
+        quantization.quantize_per_token_group(x, 128, jnp.float8_e4m3fn),
+    ):
+        np.testing.assert_array_equal(np.asarray(scale), np.asarray(scale_ref))
+        np.testing.assert_array_equal(np.asarray(q).view(np.uint8), np.asarray(q_ref).view(np.uint8))
     return q, scale
 
 
@@ -61,6 +66,8 @@ def test_supports_and_rejects():
     x = jnp.ones((4, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="group_size=64"):
         group_quant.per_token_group_quant(x, 64, jnp.float8_e4m3fn, interpret=True)
+    with pytest.raises(NotImplementedError, match="float8_e4m3fnuz"):
+        group_quant.per_token_group_quant(x, 128, jnp.float8_e4m3fnuz, interpret=True)
     with pytest.raises(TypeError, match="x must be"):
         group_quant.per_token_group_quant(x.astype(jnp.int32), 128, jnp.float8_e4m3fn, interpret=True)
     q, scale = group_quant.per_token_group_quant(x[:0], 128, jnp.float8_e4m3fn)

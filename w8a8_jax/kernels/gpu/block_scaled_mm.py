@@ -16,7 +16,7 @@ Where the scales come from: the activation scales travel through the operand pip
 contiguous `(cta_m,)` slab of the k-block-major `(KB, M)` array per stage (`column_major_scales`
 in vLLM's terms; the `(M, KB)` scales the API takes are transposed here, which XLA fuses into the
 group quant that made them when both run in one program). The weight scales are scalars read from
-global memory at each k-step, two a CTA (one per chunk), cached.
+global memory at each k-step, one per 128-column chunk (`cta_n / 128` a CTA), cached.
 
 K and N that are not multiples of 128 are zero-padded up to them (partial last blocks: zero codes
 add nothing), a copy of both operands each call; M is padded to the cluster's rows.
@@ -84,7 +84,7 @@ def block_scaled_mm(
         qinput, weight, scale_a, scale_b, block_size, bias, out_dtype
     )
     (m, k), n = qinput.shape, weight.shape[0]
-    if not supports(m or 1, k, n, block_size, qinput.dtype):
+    if not supports(max(m, 1), k, n, block_size, qinput.dtype):  # M = 0 runs no kernel (below)
         raise NotImplementedError(
             f"the Hopper block kernel takes {BLOCK} blocks of float8_e4m3fn codes, got blocks "
             f"{tuple(block_size)} of {qinput.dtype}; the XLA paths take any"
@@ -116,5 +116,7 @@ def _block_gemm(qinput, weight, scale_a, scale_b, bias, *, config, out_dtype, in
     scale_a = scale_a.T.reshape(kp // BLOCK[1], mp // config.tile_m, config.tile_m)
     if bias is not None:
         bias = jnp.pad(bias.astype(jnp.float32), (0, np_ - n))
-    out = gpu_mm.gemm_large_m(qinput, weight, scale_a, scale_b, bias, out_dtype, config=config, interpret=interpret)
+    out = gpu_mm.gemm_large_m(
+        qinput, weight, scale_a, scale_b, bias, out_dtype, config=config, block_scales=True, interpret=interpret
+    )
     return out[:m, :n]

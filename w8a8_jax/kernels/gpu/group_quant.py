@@ -6,11 +6,12 @@ block-scaled layers, one scale per token and group of 128 along K.
     s = max(amax(|group|), eps) / 448,   q = e4m3(clamp(x / s, -448, 448)),
 the amax over the group's finite values. The kernel writes the scales k-block-major, `(K / 128,
 M)`, the layout the block GEMM (`block_scaled_mm`) reads, and returns their transpose: where both
-run in one program the two transposes cancel and no copy is made.
+run in one program the two transposes cancel, leaving at most a copy of the small `(K / 128, M)`
+array where the GEMM pads M to its cluster's rows.
 
 Schedule: one warpgroup per 64 x 128 tile (64 tokens, one group), loaded straight from global
-memory in the 8-bit `wgmma` layout (4 elements a thread, each row's 16-column pieces in one quad
-of lanes: 32-byte loads a row piece for bf16): the group's amax is a reduction within the thread
+memory in the 8-bit `wgmma` layout (vectors of 4 consecutive elements; each row's 16-column
+pieces in one quad of lanes: 32 bytes a piece for bf16): the group's amax is a reduction within the thread
 and the quad (no shared memory), the division is the per-token kernel's exact
 `f32(f64(x) * (1 / f64(s)))` (`quant.py` says why it is exact). The codes go through a shared-memory
 tile and one TMA store (stored from registers, a row piece would be 16 bytes, half a 32-byte
@@ -107,10 +108,12 @@ def per_token_group_quant(
     validation.check_float_input("x", x, ndim=2)
     validation.check_group_size("group_size", group_size)
     m, k = x.shape
+    if np.dtype(fp8_dtype) != np.dtype(jnp.float8_e4m3fn):
+        raise NotImplementedError(f"the group quant kernel writes float8_e4m3fn codes, got {np.dtype(fp8_dtype).name}")
     if not supports(k, group_size, x.dtype, fp8_dtype):
         raise ValueError(
-            f"the group quant kernel takes groups of {GROUP} of rows whose K is a multiple of {GROUP}, quantized "
-            f"to float8_e4m3fn, got group_size={group_size}, K={k}, {np.dtype(fp8_dtype).name}"
+            f"the group quant kernel takes groups of {GROUP} of rows whose K is a multiple of {GROUP}, "
+            f"got group_size={group_size}, K={k}"
         )
     if m == 0:
         return jnp.zeros((0, k), jnp.float8_e4m3fn), jnp.zeros((0, k // GROUP), jnp.float32)

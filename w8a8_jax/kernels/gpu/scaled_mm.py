@@ -81,6 +81,8 @@ def _mma_step(carry, a, b_nk, promote: bool, scales=None):
     row layout; each chunk's k-block sum is multiplied by it as it is promoted.
     """
     if not promote:
+        if scales is not None:
+            raise ValueError("block scales apply at promotion: they need promote=True")
         plgpu.wgmma(carry, a, b_nk.transpose((1, 0)))
         plgpu.wgmma_wait(0)
         return carry
@@ -260,7 +262,8 @@ def _gemm_kernel(
                 scales = None
                 if block_scales:
                     # The warpgroup's row scales for this k-block times each 128-column chunk's
-                    # weight-block scale (a scalar from global memory, cached: 2 a CTA a k-block).
+                    # weight-block scale (a scalar from global memory, cached: cta_n / 128 of them
+                    # a CTA a k-block).
                     (ki,) = indices
                     row_scale = plgpu.load(
                         scale_stage[0].at[0, wg if config.wg_split == "m" else 0],
@@ -303,13 +306,14 @@ def _compiler_params():
     return plgpu.CompilerParams(approx_math=False)
 
 
-def gemm_large_m(qinput, weight, scale_a, scale_b, bias, out_dtype, *, config: GemmConfig, interpret=False):
+def gemm_large_m(
+    qinput, weight, scale_a, scale_b, bias, out_dtype, *, config: GemmConfig, block_scales=False, interpret=False
+):
     """The large-M schedule on padded operands: `qinput (Mp, K)` with Mp a multiple of config.cluster_m;
-    rowwise `scale_a (Mp,)`, `scale_b (N,)`, or block scales `scale_a (K / 128, Mp / tile_m, tile_m)`,
-    `scale_b (N / 128, K / 128)` (`_gemm_kernel`)."""
+    rowwise `scale_a (Mp,)`, `scale_b (N,)`, or with `block_scales` `scale_a (K / 128, Mp / tile_m,
+    tile_m)`, `scale_b (N / 128, K / 128)` (`_gemm_kernel`)."""
     m, k = qinput.shape
     n = weight.shape[0]
-    block_scales = scale_a.ndim == 3
     cluster = {} if config.cluster is None else dict(cluster=(2,), cluster_names=("cluster",))
     kernel = plgpu.kernel(
         functools.partial(_gemm_kernel, config=config, block_scales=block_scales),

@@ -89,8 +89,11 @@ NARROW_GEMM = GemmConfig(cluster="m", persistent_pipeline=True)
 def _smem_bytes(config: GemmConfig, out_itemsize: int, stages: int) -> int:
     ring = stages * (config.cta_m + config.cta_n) * config.tile_k
     epilogue = 2 * 2 * config.epi_tile_m * config.epi_tile_n * out_itemsize
-    vectors = 2 * (config.tile_m + 2 * config.tile_n) * 4
-    return ring + epilogue + vectors + SMEM_SLACK
+    # float32 vectors: rowwise, the scale and bias vectors of both warpgroups; with block scales,
+    # each stage's activation scales and the bias. The larger, so one fit serves both kernels.
+    rowwise_vectors = 2 * (config.tile_m + 2 * config.tile_n) * 4
+    block_vectors = (stages * config.cta_m + 2 * config.tile_n) * 4
+    return ring + epilogue + max(rowwise_vectors, block_vectors) + SMEM_SLACK
 
 
 def fit_stages(config: GemmConfig, out_itemsize: int, k: int) -> GemmConfig:

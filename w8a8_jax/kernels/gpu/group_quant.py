@@ -10,16 +10,16 @@ run in one program the two transposes cancel, leaving at most a copy of the smal
 array where the GEMM pads M to its cluster's rows.
 
 Schedule: one warpgroup per 64 x 128 tile (64 tokens, one group), loaded straight from global
-memory in the 8-bit `wgmma` layout (vectors of 4 consecutive elements; each row's 16-column
-pieces in one quad of lanes: 32 bytes a piece for bf16): the group's amax is a reduction within the thread
-and the quad (no shared memory), the division is the per-token kernel's exact
-`f32(f64(x) * (1 / f64(s)))` (`quant.py` says why it is exact). The codes go through a shared-memory
-tile and one TMA store (stored from registers, a row piece would be 16 bytes, half a 32-byte
-sector; Mosaic GPU's layout inference finds no register layout for a swizzled tile here, so the
-tile is plain, at the price of bank conflicts on the shared-memory side); the 64 scales are stored
-from registers. M not a multiple of 64: the last row
-block is moved back to end at row M and overlaps the one before it, whose rows it writes again
-with the same values (M < 64 pads to 64 rows).
+memory in the 8-bit `wgmma` layout (vectors of 4 consecutive elements; each row's 16-column pieces
+in one quad of lanes: 32 bytes a piece for bf16). The group's amax is a reduction within the thread
+and the quad (no shared memory); the division is the per-token kernel's exact
+`f32(f64(x) * (1 / f64(s)))` (`quant.py` says why it is exact). The codes go through a
+shared-memory tile and one TMA store: stored from registers, a row piece would be 16 bytes, half a
+32-byte sector. The tile is unswizzled (Mosaic GPU's layout inference finds no register layout for
+a swizzled one here), at the price of bank conflicts on the shared-memory side. The 64 scales are
+stored from registers. M not a multiple of 64: the last row block is moved back to end at row M
+and overlaps the one before it, whose rows it writes again with the same values (M < 64 pads to
+64 rows).
 """
 
 import functools

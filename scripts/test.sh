@@ -5,4 +5,5 @@ source "$(dirname "$0")/env.sh"
 cd "$root"
 ruff format --check .
 ruff check .
-python -m pytest -q "$@"
+# Two workers, each taking whole test files (module fixtures such as a loaded model are built once).
+python -m pytest -q -n 2 --dist loadfile "$@"

@@ -1,7 +1,9 @@
 """Hopper kernels: check, then time the fused fp8 GEMM and the per-token quant against XLA and torch.
 
 One run, one device: correctness against the float64 reference first, then per (M, K, N) one row
-of `timing.compare` on the same operands: our kernel (rowwise scales; per-tensor at M >= 1024),
+of `timing.compare` on the same operands: our kernel (rowwise scales; per-tensor at M >= 1024;
+`ours_small_m`, where the tiles underfill the SMs: the swapped decode schedule at M <= 64, K split
+above, `tuned_block_sizes.small_m_config`, checked first too),
 XLA's rowwise and per-tensor fp8 GEMMs and XLA bf16, then `torch._scaled_mm` rowwise and per-tensor
 and `torch.mm` bf16 on the very same arrays (DLPack; fp8 as a uint8 view), then the JAX variants
 again. Beside them, the GEMM `Fp8LinearOp`'s plan picks for that shape, so the plan's ratio to torch
@@ -88,31 +90,30 @@ def check_gemm(results):
         else:
             sa, sb = jnp.array([0.05], jnp.float32), jnp.array([0.02], jnp.float32)
         bias = jax.random.normal(kbias, (n,), jnp.float32).astype(out_dtype) if with_bias else None
-        out = jax.jit(gpu_mm.scaled_mm, static_argnums=5)(a, b, sa, sb, bias, out_dtype)
         ref = reference.scaled_mm(a, b, sa, sb, bias)
-        out64 = np.asarray(out).astype(np.float64)
-        err = float(np.abs(out64 - ref).max() / np.abs(ref).max())
-        tol = reference.gemm_tolerance(k, out_dtype)
-        ok = bool(np.isfinite(out64).all() and err <= tol)
-        results.append(
-            dict(
-                kind="gemm_check",
-                m=m,
-                k=k,
-                n=n,
-                scales=scales,
-                bias=with_bias,
-                out_dtype=jnp.dtype(out_dtype).name,
-                err=err,
-                tol=tol,
-                ok=ok,
+        small_m = tbs.small_m_config(m, k, n, 2, platform.num_sms())
+        for name, config in dict(default=None, small_m=small_m).items():  # the default, then the small-M schedule
+            if name == "small_m" and config is None:
+                continue
+            try:
+                out = jax.jit(gpu_mm.scaled_mm, static_argnums=5, static_argnames="config")(
+                    a, b, sa, sb, bias, out_dtype, config=config
+                )
+                out64 = np.asarray(out).astype(np.float64)
+                err = float(np.abs(out64 - ref).max() / np.abs(ref).max())
+                failure = None
+            except Exception as e:  # a failing schedule is reported, not fatal
+                out64, err, failure = None, None, f"{type(e).__name__}: {str(e)[:300]}"
+            tol = reference.gemm_tolerance(k, out_dtype)
+            ok = failure is None and bool(np.isfinite(out64).all() and err <= tol)
+            entry = dict(kind="gemm_check", m=m, k=k, n=n, scales=scales, bias=with_bias, schedule=name)
+            entry.update(out_dtype=jnp.dtype(out_dtype).name, err=err, tol=tol, ok=ok, error=failure)
+            results.append(entry)
+            print(
+                f"check gemm {m}x{k}x{n} {scales} bias={with_bias} {jnp.dtype(out_dtype).name} {name}: "
+                f"err {err} tol {tol:.3g} {'OK' if ok else 'FAIL ' + str(failure)}",
+                flush=True,
             )
-        )
-        print(
-            f"check gemm {m}x{k}x{n} {scales} bias={with_bias} {jnp.dtype(out_dtype).name}: "
-            f"err {err:.3g} tol {tol:.3g} {'OK' if ok else 'FAIL'}",
-            flush=True,
-        )
 
 
 def check_quant(results):
@@ -253,6 +254,10 @@ def bench_gemm(results, m_values, kn_values, args, configs, save):
                 jax_variants["ours_tensor"] = timing.Variant(
                     lambda a, w, sa, sw: gpu_mm.scaled_mm(a, w, unit, unit, None, jnp.bfloat16), sets
                 )
+            small_m = tbs.small_m_config(m, k, n, 2, platform.num_sms())
+            if small_m is not None:  # the swapped decode schedule at M <= 64, K split above
+                jax_variants["ours_small_m"] = ours(small_m)
+                row["small_m_schedule"] = dict(k_splits=small_m.k_splits, swap_ab=small_m.swap_ab)
             for name, config in configs.items():
                 jax_variants[name] = ours(config)
             if args.only:
@@ -318,6 +323,9 @@ def derived(row) -> dict:
         ("plan_rowwise", "torch_rowwise"),
         ("plan_tensor", "torch_tensor"),
         ("xla_bf16", "torch_bf16"),
+        ("ours_small_m", "torch_rowwise"),
+        ("ours_small_m", "torch_tensor"),
+        ("ours_small_m", "ours_rowwise"),
     ):
         timed = plan.get(mine, mine)
         if timed in wall and theirs in wall:
@@ -420,10 +428,11 @@ def print_table(results):
     """The short table: wall-clock figures (TFLOP/s, or weight TB/s at M <= 64) and the ratios."""
     print("\nGEMM, bf16 out, wall clock: TFLOP/s (M <= 64: weight TB/s); ratio = torch time / ours")
     print(
-        f"{'M':>5} {'K':>6} {'N':>6} | {'ours_row':>8} {'ours_t':>7} {'xla_row':>7} {'xla_t':>7} {'bf16':>7} "
-        f"{'tch_row':>7} {'tch_t':>7} {'tch_bf':>7} | {'plan':>6} {'pl/row':>6} {'pl/t':>6} {'drift':>6}"
+        f"{'M':>5} {'K':>6} {'N':>6} | {'ours_row':>8} {'ours_t':>7} {'small_m':>7} {'xla_row':>7} {'xla_t':>7} "
+        f"{'bf16':>7} {'tch_row':>7} {'tch_t':>7} {'tch_bf':>7} | {'plan':>6} {'pl/row':>6} {'pl/t':>6} "
+        f"{'sm/row':>6} {'drift':>6}"
     )
-    cols = ["ours_rowwise", "ours_tensor", "xla_rowwise", "xla_tensor", "xla_bf16"]
+    cols = ["ours_rowwise", "ours_tensor", "ours_small_m", "xla_rowwise", "xla_tensor", "xla_bf16"]
     cols += ["torch_rowwise", "torch_tensor", "torch_bf16"]
     for r in results:
         if r["kind"] != "gemm":
@@ -439,8 +448,11 @@ def print_table(results):
             ratios.get("plan_rowwise/torch_rowwise", float("nan")),
             ratios.get("plan_tensor/torch_tensor", float("nan")),
         )
+        small = ratios.get("ours_small_m/torch_rowwise", float("nan"))
         drift = d["max_drift"] if d["max_drift"] is not None else float("nan")
-        print(f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells} | {plan:>6} {pr:6.2f} {pt:6.2f} {drift:6.1%}")
+        print(
+            f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells} | {plan:>6} {pr:6.2f} {pt:6.2f} {small:6.2f} {drift:6.1%}"
+        )
     extra = sorted({c for r in results if r["kind"] == "gemm" for c in r["times"] if c in EXPLORE})
     if extra:
         print("\nconfigs explored, wall clock TFLOP/s")

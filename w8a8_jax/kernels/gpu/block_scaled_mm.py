@@ -20,6 +20,11 @@ global memory at each k-step, one per 128-column chunk (`cta_n / 128` a CTA), ca
 
 K and N that are not multiples of 128 are zero-padded up to them (partial last blocks: zero codes
 add nothing), a copy of both operands each call; M is padded to the cluster's rows.
+
+The split-K and swapped decode schedules of `tuned_block_sizes` run here too (`config=`): each K
+slice's sums carry their block scales already, so XLA only adds the slices and the bias. Swapped,
+a warpgroup's 64 rows are the weight's, within one weight block: its scale is one scalar a k-block,
+and the token scales come through the pipeline as the tile's column vector.
 """
 
 import functools
@@ -45,10 +50,13 @@ def supports(m: int, k: int, n: int, block_size, fp8_dtype) -> bool:
 
 
 def _check_config(config: GemmConfig) -> None:
-    if not config.promote or config.tile_k != BLOCK[1] or config.tile_n % BLOCK[0]:
+    # A promoted chunk must lie in one weight block: 128 of the weight's rows (the columns of the
+    # output tile, or with swapped operands the rows: one 64- or 128-row warpgroup tile).
+    rows_ok = config.tile_m <= BLOCK[0] if config.swap_ab else config.tile_n % BLOCK[0] == 0
+    if not config.promote or config.tile_k != BLOCK[1] or not rows_ok:
         raise ValueError(
-            f"block scales apply at promotion: the config needs promote=True, tile_k={BLOCK[1]} and tile_n "
-            f"a multiple of {BLOCK[0]}, got {config}"
+            f"block scales apply at promotion: the config needs promote=True, tile_k={BLOCK[1]} and tile_n a "
+            f"multiple of {BLOCK[0]} (swap_ab: tile_m <= {BLOCK[0]}), got {config}"
         )
 
 
@@ -96,10 +104,13 @@ def block_scaled_mm(
         config = tbs.launch_config(m, kp, np_, jnp.dtype(out_dtype).itemsize, platform.num_sms())
     else:
         config = tbs.fit_stages(config, jnp.dtype(out_dtype).itemsize, kp)
-        config = tbs.fit_grid(config, layout.round_up(m, config.cluster_m), np_, platform.num_sms())
+        config = tbs.fit_grid(config, layout.round_up(m, config.m_multiple), np_, platform.num_sms())
     _check_config(config)
-    if np_ % config.cluster_n:
-        raise ValueError(f"N={n} (padded to {np_}) must be a multiple of {config.cluster_n=}")
+    if np_ % config.n_multiple or kp % (BLOCK[1] * config.k_splits):
+        raise ValueError(
+            f"N={n} and K={k} (padded to {np_} and {kp}) must be multiples of {config.n_multiple} and "
+            f"{BLOCK[1] * config.k_splits} under {config}"
+        )
     return _block_gemm(qinput, weight, scale_a, scale_b, bias, config=config, out_dtype=out_dtype, interpret=interpret)
 
 
@@ -107,16 +118,18 @@ def block_scaled_mm(
 def _block_gemm(qinput, weight, scale_a, scale_b, bias, *, config, out_dtype, interpret):
     (m, k), n = qinput.shape, weight.shape[0]
     kp, np_ = layout.round_up(k, BLOCK[1]), layout.round_up(n, BLOCK[0])
-    mp = layout.round_up(m, config.cluster_m)
+    mp = layout.round_up(m, config.m_multiple)
     # Zero codes pad K and N (they add nothing) and M (sliced off); the scales of padded rows are 1.
     qinput = jnp.pad(qinput, ((0, mp - m), (0, kp - k)))
     weight = jnp.pad(weight, ((0, np_ - n), (0, kp - k)))
     scale_a = jnp.pad(scale_a, ((0, mp - m), (0, 0)), constant_values=1.0)
-    # k-block-major: each k-step's activation scales are one contiguous slab, a row per warpgroup.
-    scale_a = scale_a.T.reshape(kp // BLOCK[1], mp // config.tile_m, config.tile_m)
+    # k-block-major: each k-step's activation scales are one contiguous slab (a row per warpgroup).
+    scale_a = scale_a.T
+    if not config.swap_ab:
+        scale_a = scale_a.reshape(kp // BLOCK[1], mp // config.tile_m, config.tile_m)
     if bias is not None:
         bias = jnp.pad(bias.astype(jnp.float32), (0, np_ - n))
-    out = gpu_mm.gemm_large_m(
+    out = gpu_mm.gemm(
         qinput, weight, scale_a, scale_b, bias, out_dtype, config=config, block_scales=True, interpret=interpret
     )
     return out[:m, :n]

@@ -77,8 +77,9 @@ def _mma_step(carry, a, b_nk, promote: bool, scales=None):
     accumulator is never wider than a chunk. fp8 `wgmma` takes K-major operands only: `b_nk` is
     the `(N, K)` tile, seen as `(K, N)`.
 
-    `scales` (block scaling): one `(rows,)` float32 vector per column chunk, in the accumulator's
-    row layout; each chunk's k-block sum is multiplied by it as it is promoted.
+    `scales` (block scaling): per column chunk a `(vector, dim)` pair, a float32 `(rows,)` vector
+    in the accumulator's row layout (dim 0) or a `(chunk,)` one in its column layout (dim 1); each
+    chunk's k-block sum is multiplied by it, broadcast along the other dimension, as it is promoted.
     """
     if not promote:
         if scales is not None:
@@ -100,19 +101,22 @@ def _mma_step(carry, a, b_nk, promote: bool, scales=None):
             plgpu.ACC(total.shape, jnp.float32),
         )
         if scales is not None:
-            acc = acc * lax.broadcast_in_dim(scales[i], acc.shape, [0])
+            vector, dim = scales[i]
+            acc = acc * lax.broadcast_in_dim(vector, acc.shape, [dim])
         return total + acc
 
     return tuple(promoted(i, total) for i, total in enumerate(carry))
 
 
 def _gemm_kernel(
-    a_gmem,  # (Mp, K) fp8
-    b_gmem,  # (N, K) fp8
-    scale_a_gmem,  # (Mp,) float32; block scales: (K / 128, Mp / tile_m, tile_m), k-block-major
-    scale_b_gmem,  # (N,) float32; block scales: (N / 128, K / 128)
+    a_gmem,  # (Mp, K) fp8; swap_ab: the weight
+    b_gmem,  # (N, K) fp8; swap_ab: the tokens
+    # (Mp,) float32; block scales: the activation scales k-block-major, (K / 128, Mp / tile_m,
+    # tile_m), swap_ab (K / 128, N)
+    scale_a_gmem,
+    scale_b_gmem,  # (N,) float32; block scales: the weight's, (weight rows / 128, K / 128)
     bias_gmem,  # (N,) float32 or None
-    out_gmem,  # (Mp, N) out_dtype
+    out_gmem,  # (Mp, N) out_dtype; raw_out: (k_splits * Mp, N) float32, a sum per K slice
     *,
     config: GemmConfig,
     block_scales: bool,
@@ -123,10 +127,14 @@ def _gemm_kernel(
     tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
     cta_m, cta_n = config.cta_m, config.cta_n
     epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
-    # A cluster of 2 CTAs side by side along M (N) shares each B (A) tile: TMA multicasts it.
-    m_iters, n_iters, k_iters = m // config.cluster_m, n // config.cluster_n, k // tile_k
+    # A cluster of 2 CTAs side by side along M (N) shares each B (A) tile: TMA multicasts it. A
+    # work unit is one CTA tile over one of the k_splits slices of K.
+    splits = config.k_splits
+    m_iters, n_iters, k_iters = m // config.cluster_m, n // config.cluster_n, k // splits // tile_k
     transforms = _fp8_transforms(tile_k)
-    has_bias = bias_gmem is not None
+    # Raw: the float32 sums go out as they are; XLA applies the rowwise scales and the bias.
+    raw = config.raw_out
+    has_bias = bias_gmem is not None and not raw
     shared = ("cluster",)
 
     in_specs = [
@@ -144,9 +152,12 @@ def _gemm_kernel(
         ),
     ]
     if block_scales:
-        # The k-block's activation scales of the CTA's rows travel with its operands: one
-        # contiguous (cta_m,) slab of the k-block-major array per stage, a row of tile_m per warpgroup.
-        in_specs.append(plgpu.BlockSpec((1, cta_m // tile_m, tile_m), lambda ki: (ki, 0, 0)))
+        # The k-block's activation scales of the CTA's rows (swapped: of its columns, the tokens)
+        # travel with its operands: one contiguous slab of the k-block-major array per stage.
+        if config.swap_ab:
+            in_specs.append(plgpu.BlockSpec((1, cta_n), lambda ki: (ki, 0)))
+        else:
+            in_specs.append(plgpu.BlockSpec((1, cta_m // tile_m, tile_m), lambda ki: (ki, 0, 0)))
 
     def get_pipeline(body, compute_context, pipeline_state=None):
         return plgpu.emit_pipeline_warp_specialized(
@@ -170,8 +181,8 @@ def _gemm_kernel(
             a_gmem, b_gmem, *([scale_a_gmem] if block_scales else [])
         ),
         out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=_out_transforms(epi_n, out_dtype)),
-        scale_a_smem=None if block_scales else plgpu.SMEM((2, tile_m), jnp.float32),
-        scale_b_smem=None if block_scales else plgpu.SMEM((2, tile_n), jnp.float32),
+        scale_a_smem=None if block_scales or raw else plgpu.SMEM((2, tile_m), jnp.float32),
+        scale_b_smem=None if block_scales or raw else plgpu.SMEM((2, tile_n), jnp.float32),
         bias_smem=plgpu.SMEM((2, tile_n), jnp.float32) if has_bias else None,
         vector_barriers=plgpu.Barrier(num_barriers=6),
         collective_axes="wg",
@@ -179,9 +190,11 @@ def _gemm_kernel(
     def _scope(pipeline_allocs, out_smem, scale_a_smem, scale_b_smem, bias_smem, vector_barriers):
         wg = lax.axis_index("wg")
 
-        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        @plgpu.nd_loop((m_iters * n_iters * splits,), collective_axes="sm")
         def _tile_loop(loop_info):
-            (tile_idx,) = loop_info.index
+            (unit,) = loop_info.index
+            split, tile_idx = lax.div(unit, m_iters * n_iters), lax.rem(unit, m_iters * n_iters)
+            k_slice = pl.ds(split * (k_iters * tile_k), k_iters * tile_k)
             m_idx, n_idx = plgpu.planar_snake(
                 tile_idx, (m_iters, n_iters), 1 if config.grid_minor == "n" else 0, config.grid_tile_width
             )
@@ -191,6 +204,7 @@ def _gemm_kernel(
                 n_idx = 2 * n_idx + lax.axis_index("cluster")
             cta_m_slice = pl.ds(m_idx * cta_m, cta_m)
             cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
+            out_m_slice = pl.ds(split * m + m_idx * cta_m, cta_m)  # the slice's rows of the sums
             if config.wg_split == "m":
                 wg_m0, wg_n0 = m_idx * cta_m + wg * tile_m, n_idx * cta_n
                 wg_m_slice, wg_n_slice = pl.ds(wg * tile_m, tile_m), slice(None)
@@ -200,7 +214,7 @@ def _gemm_kernel(
 
             def compute_context(eval_pipeline):
                 # The epilogue vectors travel while the k-loop runs (block scales apply in the loop).
-                if not block_scales:
+                if not (block_scales or raw):
                     plgpu.copy_gmem_to_smem(
                         scale_a_gmem.at[pl.ds(wg_m0, tile_m)], scale_a_smem.at[wg], vector_barriers.at[3 * wg]
                     )
@@ -213,7 +227,8 @@ def _gemm_kernel(
                     )
 
                 def epilogue(chunks):  # column chunks of the (tile_m, tile_n) float32 total, WGMMA layout
-                    if not block_scales:
+                    rowwise = not (block_scales or raw)
+                    if rowwise:
                         plgpu.barrier_wait(vector_barriers.at[3 * wg])
                         plgpu.barrier_wait(vector_barriers.at[3 * wg + 1])
                         row_scale = plgpu.load(scale_a_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
@@ -225,7 +240,7 @@ def _gemm_kernel(
                     for c, acc in enumerate(chunks):
                         cols = pl.ds(c * chunk_n, chunk_n)
                         out = acc
-                        if not block_scales:
+                        if rowwise:
                             col_scale = plgpu.load(scale_b_smem.at[wg, cols], layout=plgpu.Layout.WGMMA.reduce(0))
                             out = out * lax.broadcast_in_dim(row_scale, acc.shape, [0])
                             out = out * lax.broadcast_in_dim(col_scale, acc.shape, [1])
@@ -244,7 +259,7 @@ def _gemm_kernel(
                                 plgpu.commit_smem()
                                 plgpu.copy_smem_to_gmem(
                                     out_smem.at[wg, slot],
-                                    out_gmem.at[cta_m_slice, cta_n_slice]
+                                    out_gmem.at[out_m_slice, cta_n_slice]
                                     .at[wg_m_slice, wg_n_slice]
                                     .at[epi_m_slice, pl.ds(c * chunk_n + epi_ni * epi_n, epi_n)],
                                 )
@@ -261,18 +276,36 @@ def _gemm_kernel(
                 *scale_stage, carry = stages_and_carry  # block scales: this k-step's scale_a slab
                 scales = None
                 if block_scales:
-                    # The warpgroup's row scales for this k-block times each 128-column chunk's
-                    # weight-block scale (a scalar from global memory, cached: cta_n / 128 of them
-                    # a CTA a k-block).
-                    (ki,) = indices
-                    row_scale = plgpu.load(
-                        scale_stage[0].at[0, wg if config.wg_split == "m" else 0],
-                        layout=plgpu.Layout.WGMMA.reduce(1),
-                    )
-                    first_block = wg_n0 // tbs.PROMOTE_N
-                    scales = tuple(
-                        row_scale * plgpu.load(scale_b_gmem.at[first_block + c, ki]) for c in range(len(carry))
-                    )
+                    kb = indices[0] + split * k_iters  # this k-block of all of K
+                    if config.swap_ab:
+                        # The warpgroup's 64 weight rows lie in one weight block: its scale (a
+                        # scalar from global memory) times each chunk's token scales of this k-block.
+                        block_scale = plgpu.load(scale_b_gmem.at[wg_m0 // tbs.PROMOTE_N, kb])
+                        wg_col0 = 0 if config.wg_split == "m" else wg * tile_n
+                        chunk = carry[0].shape[1]
+                        scales = tuple(
+                            (
+                                plgpu.load(
+                                    scale_stage[0].at[0, pl.ds(wg_col0 + c * chunk, chunk)],
+                                    layout=plgpu.Layout.WGMMA.reduce(0),
+                                )
+                                * block_scale,
+                                1,
+                            )
+                            for c in range(len(carry))
+                        )
+                    else:
+                        # The warpgroup's row scales for this k-block times each 128-column chunk's
+                        # weight-block scale (a scalar from global memory, cached: cta_n / 128 of
+                        # them a CTA a k-block).
+                        row_scale = plgpu.load(
+                            scale_stage[0].at[0, wg if config.wg_split == "m" else 0],
+                            layout=plgpu.Layout.WGMMA.reduce(1),
+                        )
+                        first_block = wg_n0 // tbs.PROMOTE_N
+                        scales = tuple(
+                            (row_scale * plgpu.load(scale_b_gmem.at[first_block + c, kb]), 0) for c in range(len(carry))
+                        )
                 return _mma_step(carry, a_smem.at[wg_m_slice], b_smem.at[wg_n_slice], config.promote, scales)
 
             pipeline_state = None
@@ -285,9 +318,12 @@ def _gemm_kernel(
                     int(plgpu.PipelinePipeline.START),
                     jnp.where(last, int(plgpu.PipelinePipeline.STOP), int(plgpu.PipelinePipeline.STEADY)),
                 )
-            operands = [a_gmem.at[cta_m_slice, :], b_gmem.at[cta_n_slice, :]]
-            if block_scales:
-                operands.append(scale_a_gmem.at[:, pl.ds(m_idx * (cta_m // tile_m), cta_m // tile_m), :])
+            operands = [a_gmem.at[cta_m_slice, k_slice], b_gmem.at[cta_n_slice, k_slice]]
+            kb_slice = pl.ds(split * k_iters, k_iters)
+            if block_scales and config.swap_ab:
+                operands.append(scale_a_gmem.at[kb_slice, cta_n_slice])
+            elif block_scales:
+                operands.append(scale_a_gmem.at[kb_slice, pl.ds(m_idx * (cta_m // tile_m), cta_m // tile_m), :])
             get_pipeline(mma_body, compute_context, pipeline_state)(*operands, allocations=pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -306,18 +342,55 @@ def _compiler_params():
     return plgpu.CompilerParams(approx_math=False)
 
 
+def gemm(qinput, weight, scale_a, scale_b, bias, out_dtype, *, config: GemmConfig, block_scales=False, interpret=False):
+    """`(Mp, N)` out_dtype: the kernel under `config` on padded operands, `qinput (Mp, K)` and
+    `weight (N, K)` with Mp a multiple of `config.m_multiple`, N of `config.n_multiple`.
+
+    Rowwise: `scale_a (Mp,)`, `scale_b (N,)`. With `block_scales`: `scale_b (N / 128, K / 128)` and
+    `scale_a` k-block-major, `(K / 128, Mp / tile_m, tile_m)`, or `(K / 128, Mp)` with `swap_ab`.
+    With `config.raw_out` (split K, swapped operands) the kernel writes float32 sums and one XLA
+    fusion adds the K slices, transposes, scales, adds the bias and casts.
+    """
+    if not config.raw_out:
+        return gemm_large_m(
+            qinput,
+            weight,
+            scale_a,
+            scale_b,
+            bias,
+            out_dtype,
+            config=config,
+            block_scales=block_scales,
+            interpret=interpret,
+        )
+    a, b = (weight, qinput) if config.swap_ab else (qinput, weight)
+    kernel_scales = (scale_b, scale_a) if config.swap_ab and not block_scales else (scale_a, scale_b)
+    sums = gemm_large_m(
+        a, b, *kernel_scales, None, jnp.float32, config=config, block_scales=block_scales, interpret=interpret
+    )
+    sums = sums.reshape(config.k_splits, a.shape[0], b.shape[0]).sum(0)
+    if config.swap_ab:
+        sums = sums.T
+    if not block_scales:
+        sums = sums * scale_a[:, None] * scale_b[None, :]
+    if bias is not None:
+        sums = sums + bias
+    return sums.astype(out_dtype)
+
+
 def gemm_large_m(
     qinput, weight, scale_a, scale_b, bias, out_dtype, *, config: GemmConfig, block_scales=False, interpret=False
 ):
-    """The large-M schedule on padded operands: `qinput (Mp, K)` with Mp a multiple of config.cluster_m;
-    rowwise `scale_a (Mp,)`, `scale_b (N,)`, or with `block_scales` `scale_a (K / 128, Mp / tile_m,
-    tile_m)`, `scale_b (N / 128, K / 128)` (`_gemm_kernel`)."""
+    """The kernel on its own operands (`_gemm_kernel`; `gemm` swaps them for `swap_ab`): `qinput
+    (Mp, K)` with Mp a multiple of config.cluster_m, `weight (N, K)`; returns `(Mp, N)` out_dtype,
+    or with `config.raw_out` the `(k_splits * Mp, N)` float32 sums of the K slices."""
     m, k = qinput.shape
     n = weight.shape[0]
     cluster = {} if config.cluster is None else dict(cluster=(2,), cluster_names=("cluster",))
+    out_rows = m * config.k_splits
     kernel = plgpu.kernel(
         functools.partial(_gemm_kernel, config=config, block_scales=block_scales),
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        out_type=jax.ShapeDtypeStruct((out_rows, n), out_dtype),
         grid=(tbs.grid_slots(config, platform.num_sms()),),
         grid_names=("sm",),
         **cluster,
@@ -328,6 +401,7 @@ def gemm_large_m(
     )
     kind = "block_gemm" if block_scales else "gemm"
     name = f"fp8_{kind}_{config.cta_m}x{config.cta_n}x{config.tile_k}_s{config.stages}"
+    name += "_swapped" * config.swap_ab + f"_k{config.k_splits}" * (config.k_splits > 1)
     with jax.named_scope(name):
         return kernel(qinput, weight, scale_a, scale_b, bias)
 
@@ -397,11 +471,14 @@ def scaled_mm(
         config = tbs.launch_config(m, k, n, out_dtype.itemsize, platform.num_sms())
     else:
         config = tbs.fit_stages(config, out_dtype.itemsize, k)
-        config = tbs.fit_grid(config, layout.round_up(m, config.cluster_m), n, platform.num_sms())
-    if k % config.tile_k or n % config.cluster_n:
-        raise ValueError(f"{k=} and {n=} must be multiples of {config.tile_k=} and {config.cluster_n=}")
-    mp = layout.round_up(m, config.cluster_m)
-    out = gemm_large_m(
+        config = tbs.fit_grid(config, layout.round_up(m, config.m_multiple), n, platform.num_sms())
+    if k % (config.tile_k * config.k_splits) or n % config.n_multiple:
+        raise ValueError(
+            f"{k=} and {n=} must be multiples of tile_k * k_splits = {config.tile_k * config.k_splits} and "
+            f"{config.n_multiple} under {config}"
+        )
+    mp = layout.round_up(m, config.m_multiple)
+    out = gemm(
         _pad_rows(qinput, mp),
         weight,
         _pad_rows(_vector(scale_a, m), mp),

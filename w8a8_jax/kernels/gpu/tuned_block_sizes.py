@@ -9,6 +9,12 @@ pipeline across an SM's tiles. `NARROW_GEMM` (CTA 128x128) takes N that is not a
 M of one CTA row, and shapes whose wide tiles would leave more of the last wave of SMs idle
 (`wave_efficiency`). `kernel_is_faster` is the measured rule the dispatch plan reads: where, by its
 grid's fill of the SMs, the kernel beats XLA.
+
+Two schedules for the shapes whose output tiles underfill the SMs, built and checked but not yet
+timed on a GPU, so no default picks them (benchmarks name them): `split_config` splits K
+(`GemmConfig.k_splits`) where that fills the SMs' slots, and `decode_config`, for decode-sized M,
+swaps the operands (`GemmConfig.swap_ab`) so the weight's rows fill `wgmma`'s 64-row side and the
+few tokens its narrow side, and splits K too.
 """
 
 import dataclasses
@@ -48,6 +54,12 @@ class GemmConfig:
         tile); needs k-blocks a multiple of the stages.
       cluster: None, or "m" / "n": pairs of CTAs adjacent along M (N) form a cluster and each B
         (A) tile is loaded once from L2 and multicast to both, halving that operand's L2 traffic.
+      k_splits: K is cut into this many equal slices, each a work unit of its own: the kernel
+        writes every unit's float32 sum and XLA adds the slices, then scales, adds the bias and
+        casts (one rounding). Fills the SMs where the output tiles alone do not.
+      swap_ab: the kernel computes `out.T = weight @ qinput.T`: the weight is the `wgmma` A
+        operand (its rows on the 64-row M side) and the tokens, padded to tile_n, the narrow N
+        side, so decode-sized M wastes no tensor-core rows; XLA transposes the float32 result.
     """
 
     tile_m: int = 64
@@ -62,6 +74,8 @@ class GemmConfig:
     promote: bool = True
     persistent_pipeline: bool = False
     cluster: str | None = None
+    k_splits: int = 1
+    swap_ab: bool = False
 
     @property
     def cta_m(self) -> int:
@@ -81,6 +95,21 @@ class GemmConfig:
         """Columns of output one cluster covers (N must divide by it)."""
         return self.cta_n * (2 if self.cluster == "n" else 1)
 
+    @property
+    def raw_out(self) -> bool:
+        """Whether the kernel writes float32 sums for XLA to finish (split K or swapped operands)."""
+        return self.k_splits > 1 or self.swap_ab
+
+    @property
+    def m_multiple(self) -> int:
+        """The padding unit of the GEMM's M (the tokens): the kernel's B rows when swapped."""
+        return self.cluster_n if self.swap_ab else self.cluster_m
+
+    @property
+    def n_multiple(self) -> int:
+        """The unit the GEMM's N (the weight's rows) must divide by: the kernel's A rows when swapped."""
+        return self.cluster_m if self.swap_ab else self.cluster_n
+
 
 DEFAULT_GEMM = GemmConfig(tile_n=256, epi_tile_n=32, cluster="m", persistent_pipeline=True)
 NARROW_GEMM = GemmConfig(cluster="m", persistent_pipeline=True)
@@ -88,7 +117,7 @@ NARROW_GEMM = GemmConfig(cluster="m", persistent_pipeline=True)
 
 def _smem_bytes(config: GemmConfig, out_itemsize: int, stages: int) -> int:
     ring = stages * (config.cta_m + config.cta_n) * config.tile_k
-    epilogue = 2 * 2 * config.epi_tile_m * config.epi_tile_n * out_itemsize
+    epilogue = 2 * 2 * config.epi_tile_m * config.epi_tile_n * (4 if config.raw_out else out_itemsize)
     # float32 vectors: rowwise, the scale and bias vectors of both warpgroups; with block scales,
     # each stage's activation scales and the bias. The larger, so one fit serves both kernels.
     rowwise_vectors = 2 * (config.tile_m + 2 * config.tile_n) * 4
@@ -98,14 +127,14 @@ def _smem_bytes(config: GemmConfig, out_itemsize: int, stages: int) -> int:
 
 def fit_stages(config: GemmConfig, out_itemsize: int, k: int) -> GemmConfig:
     """The config with as many ring stages (<= config.stages, >= 2) as fit in shared memory; a
-    persistent pipeline also needs the k-blocks (k / tile_k) to be a multiple of the stages, else
-    it is turned off."""
+    persistent pipeline also needs a unit's k-blocks (k / tile_k / k_splits) to be a multiple of
+    the stages, else it is turned off."""
     stages = config.stages
     while stages > 2 and _smem_bytes(config, out_itemsize, stages) > SMEM_BYTES:
         stages -= 1
     persistent = config.persistent_pipeline
     if persistent:
-        k_blocks = k // config.tile_k
+        k_blocks = k // config.tile_k // config.k_splits
         fitting = [s for s in range(stages, 1, -1) if k_blocks % s == 0]
         persistent = bool(fitting)
         stages = fitting[0] if fitting else stages
@@ -117,12 +146,17 @@ def grid_slots(config: GemmConfig, num_sms: int) -> int:
     return max(1, num_sms // (1 if config.cluster is None else 2))
 
 
+def work_units(config: GemmConfig, m: int, n: int) -> int:
+    """Work units of `(m, k) @ (n, k).T` under `config`: CTA (cluster) output tiles times K slices."""
+    rows, cols = (n, m) if config.swap_ab else (m, n)
+    return -(-rows // config.cluster_m) * -(-cols // config.cluster_n) * config.k_splits
+
+
 def fit_grid(config: GemmConfig, m: int, n: int, num_sms: int) -> GemmConfig:
     """The config with the persistent pipeline kept only where every CTA (cluster) of the grid gets
-    at least 2 output tiles: the first tile starts the pipeline and the last one drains it, and a
-    single tile cannot be both (its CTA would exit with its cluster peer still signalling it)."""
-    tiles = (m // config.cluster_m) * (n // config.cluster_n)
-    if config.persistent_pipeline and tiles < 2 * grid_slots(config, num_sms):
+    at least 2 work units: the first unit starts the pipeline and the last one drains it, and a
+    single unit cannot be both (its CTA would exit with its cluster peer still signalling it)."""
+    if config.persistent_pipeline and work_units(config, m, n) < 2 * grid_slots(config, num_sms):
         return dataclasses.replace(config, persistent_pipeline=False)
     return config
 
@@ -131,7 +165,7 @@ def wave_efficiency(config: GemmConfig, m: int, n: int, num_sms: int) -> float:
     """Busy share of the grid's CTA (cluster) slots over its waves of output tiles: 1.0 when the
     tiles fill every wave, 0.5 when the last of two waves is empty but for one tile."""
     slots = grid_slots(config, num_sms)
-    tiles = -(-m // config.cluster_m) * (n // config.cluster_n)
+    tiles = work_units(config, m, n)
     return tiles / (-(-tiles // slots) * slots)
 
 
@@ -144,6 +178,10 @@ WAVE_SLACK = 0.1
 def gemm_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
     """The wide default or the narrow config (module docstring), fitted to N, to a single CTA row
     of M and to shared memory; N must divide by the CTA tile's N."""
+    return fit_stages(_tile_config(m, n, num_sms), out_itemsize, k)
+
+
+def _tile_config(m: int, n: int, num_sms: int) -> GemmConfig:
     wide = (
         m > NARROW_GEMM.cta_m
         and n % DEFAULT_GEMM.cluster_n == 0
@@ -156,7 +194,7 @@ def gemm_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> Gemm
     if config.cluster == "m" and m <= config.cta_m:
         # One CTA row of output: a cluster along M would pad M to two; pair CTAs along N instead.
         config = dataclasses.replace(config, cluster="n" if n % (2 * config.cta_n) == 0 else None)
-    return fit_stages(config, out_itemsize, k)
+    return config
 
 
 def launch_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
@@ -164,6 +202,75 @@ def launch_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> Ge
     with the persistent pipeline kept only where the grid allows it (`fit_grid`)."""
     config = gemm_config(m, k, n, out_itemsize, num_sms)
     return fit_grid(config, -(-m // config.cluster_m) * config.cluster_m, n, num_sms)
+
+
+# The split-K model's rates, measured on the H200 (benchmarks/NOTES.md, "H200 v1"): the kernel's
+# rate at large M (1,016-1,264 TFLOP/s) and a same-run bf16 copy's bytes/s (3.0-3.3 TB/s).
+KERNEL_FLOPS = 1.2e15
+COPY_BYTES_PER_S = 3.2e12
+# K slices of a split: at most MAX_K_SPLITS, each at least MIN_SPLIT_K_BLOCKS k-blocks long.
+MAX_K_SPLITS = 8
+MIN_SPLIT_K_BLOCKS = 4
+
+
+def predicted_seconds(config: GemmConfig, m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> float:
+    """The split-K model's time for `(m, k) @ (n, k).T` under `config`: the GEMM's roofline (its flops
+    at KERNEL_FLOPS; its operands read and its output written once at COPY_BYTES_PER_S) over the
+    grid's wave efficiency, plus, where the kernel writes float32 sums (`raw_out`), their bytes
+    written and read back."""
+    mp = -(-m // config.m_multiple) * config.m_multiple
+    roofline = max(2 * m * k * n / KERNEL_FLOPS, (m * k + n * k + m * n * out_itemsize) / COPY_BYTES_PER_S)
+    sums = 2 * 4 * config.k_splits * mp * n if config.raw_out else 0
+    return roofline / wave_efficiency(config, mp, n, num_sms) + sums / COPY_BYTES_PER_S
+
+
+def with_k_splits(config: GemmConfig, m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
+    """`config` with K split into the number of slices (1 to MAX_K_SPLITS, dividing the k-blocks into
+    slices of at least MIN_SPLIT_K_BLOCKS) that `predicted_seconds` finds fastest, the fewest of
+    equals. Split, the float32 sums take twice a bf16 tile's shared memory: the epilogue tile halves."""
+    k_blocks = k // config.tile_k
+    candidates = []
+    for s in range(1, MAX_K_SPLITS + 1):
+        if k_blocks % s or (s > 1 and k_blocks // s < MIN_SPLIT_K_BLOCKS):
+            continue
+        candidate = dataclasses.replace(config, k_splits=s)
+        if s > 1 and not config.raw_out:
+            candidate = dataclasses.replace(candidate, epi_tile_n=max(16, config.epi_tile_n // 2))
+        candidates.append(candidate)
+    return min(candidates, key=lambda c: (predicted_seconds(c, m, k, n, out_itemsize, num_sms), c.k_splits))
+
+
+def split_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
+    """`launch_config`'s tiles with K split where the model says so (`with_k_splits`)."""
+    config = with_k_splits(_tile_config(m, n, num_sms), m, k, n, out_itemsize, num_sms)
+    config = fit_stages(config, out_itemsize, k)
+    return fit_grid(config, -(-m // config.m_multiple) * config.m_multiple, n, num_sms)
+
+
+# The token widths of the swapped decode schedule (its `wgmma` N): M pads up to the first that holds it.
+DECODE_TOKENS = (16, 32, 64)
+DECODE_GEMM = GemmConfig(swap_ab=True, epi_tile_n=16, stages=8, persistent_pipeline=True)
+
+
+def decode_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
+    """The swapped schedule for decode-sized M (<= 64, `GemmConfig.swap_ab`): a CTA is two 64-row
+    warpgroups of the weight's rows against all the tokens (padded to `DECODE_TOKENS`), no
+    cluster (the token tile is small), as deep a ring as fits (the GEMM is weight-read bound), one
+    pipeline across the SM's units where each gets two, K split as the model says (`with_k_splits`)."""
+    if m > DECODE_TOKENS[-1]:
+        raise ValueError(f"the decode schedule takes M <= {DECODE_TOKENS[-1]}, got {m}")
+    tokens = next(t for t in DECODE_TOKENS if m <= t)
+    config = with_k_splits(dataclasses.replace(DECODE_GEMM, tile_n=tokens), m, k, n, out_itemsize, num_sms)
+    return fit_grid(fit_stages(config, out_itemsize, k), tokens, n, num_sms)
+
+
+def small_m_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig | None:
+    """The schedule for tiles that underfill the SMs, not yet a default (module docstring): the
+    swapped decode schedule at M <= 64, else split K; None where the model keeps K whole."""
+    if m <= DECODE_TOKENS[-1]:
+        return decode_config(m, k, n, out_itemsize, num_sms)
+    config = split_config(m, k, n, out_itemsize, num_sms)
+    return config if config.k_splits > 1 else None
 
 
 # Where the kernel beats XLA's fp8 GEMM (cuBLASLt, float32 accumulation), by a rule calibrated on the

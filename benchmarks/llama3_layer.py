@@ -60,7 +60,11 @@ the "gemm" and "fusion" buckets; "attention" holds fused attention kernels only.
 GiB) the 8 bf16 layers' weights (3.5 GB), the batch-64 caches (4.3 GB) and the prefill scores fit.
 
     python3 benchmarks/llama3_layer.py [--out FILE] [--variants NAME ...] [--phases NAME ...]
-        [--layers L] [--reps N] [--calls N] [--time-budget S] [--smoke]
+        [--layers L] [--reps N] [--calls N] [--time-budget S] [--smoke] [--fused]
+
+`--fused`: every variant's q/k/v and gate/up projections fused into one GEMM each
+(`models.fused.fuse_projections`: 4 GEMMs a layer instead of 7, one activation quantization for
+each fused pair), as vLLM serves them.
 
 `--phases` picks among prefill and decode_bB (default all). `--smoke`: a tiny config (hidden 128,
 intermediate 256, 4 heads of 32, 2 key-value heads, 2 layers), prefill 32 tokens, decode at
@@ -94,7 +98,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timing
 
 from w8a8_jax import dense, dispatch, module_tree, platform
-from w8a8_jax.models import schemes
+from w8a8_jax.models import fused, schemes
 from w8a8_jax.models.llama import DecoderLayer, Llama, LlamaConfig
 from w8a8_jax.nnx import Fp8Dense
 
@@ -183,10 +187,11 @@ SMOKE = Sizes(32, 63, (1, 2), 32, 16)
 # --- the layers and their programs -----------------------------------------------------------------
 
 
-def build_layers(config: LlamaConfig, scheme: str | None, sizes: Sizes) -> list[DecoderLayer]:
+def build_layers(config: LlamaConfig, scheme: str | None, sizes: Sizes, fuse: bool = False) -> list[DecoderLayer]:
     """The `config.num_hidden_layers` decoder layers of a bf16 `Llama` with random weights (the same
     draw for every scheme), converted to `scheme` unless None; a static scheme calibrates through
-    the whole model on random token ids."""
+    the whole model on random token ids. With `fuse`, then q/k/v and gate/up are fused
+    (`models.fused.fuse_projections`)."""
     model = Llama(config, dtype=DTYPE, rngs=nnx.Rngs(0))
     if scheme is not None:
         calibration = ()
@@ -194,6 +199,8 @@ def build_layers(config: LlamaConfig, scheme: str | None, sizes: Sizes) -> list[
             ids = np.random.default_rng(1).integers(0, config.vocab_size, sizes.calibration_tokens)
             calibration = schemes.calibration_batches(ids, sizes.calibration_length)
         schemes.quantize(model, scheme, calibration)
+    if fuse:
+        fused.fuse_projections(model)
     return list(model.layers)
 
 
@@ -508,6 +515,9 @@ def parse_args(argv=None):
     parser.add_argument("--calls", type=int, default=timing.CALLS, help="back-to-back calls a wall-clock sample")
     parser.add_argument("--time-budget", type=float, default=480.0, help="seconds; tasks left after it are skipped")
     parser.add_argument("--smoke", action="store_true", help="tiny config and sizes: the whole path in seconds on CPU")
+    parser.add_argument(
+        "--fused", action="store_true", help="fuse q/k/v and gate/up into one projection each, in every variant"
+    )
     return parser.parse_args(argv)
 
 
@@ -539,6 +549,7 @@ def main(argv=None) -> dict:
             sizes=dataclasses.asdict(sizes),
             phases={name: dataclasses.asdict(phases[name]) for name in chosen},
             variants=list(args.variants),
+            fused_projections=args.fused,
             reps=args.reps,
             calls=args.calls,
             time_budget_s=args.time_budget,
@@ -577,7 +588,7 @@ def main(argv=None) -> dict:
             t0, step = time.perf_counter(), "build"
             try:
                 if scheme not in ctx["layers"]:
-                    layers = build_layers(config, scheme, sizes)
+                    layers = build_layers(config, scheme, sizes, fuse=args.fused)
                     ctx["layers"][scheme], ctx["weight_bytes"][scheme] = layers, weight_bytes(layers)
                     results["models"][scheme or "bf16"] = dict(
                         build_s=time.perf_counter() - t0, weight_bytes_per_layer=ctx["weight_bytes"][scheme]

@@ -197,3 +197,18 @@ def test_full_size_settings_are_llama3_8b():
         assert (decode.batch, decode.tokens, decode.position, decode.cache_length) == (batch, 1, 2048, 2049)
     # What a decode layer reads: 2 bytes a bf16 weight, and the keys and values of every cached row.
     assert llama3_layer.kv_cache_bytes(config, phases["decode_b64"]) == 2 * 64 * 2049 * 8 * 128 * 2
+
+
+def test_fused_projections_run_four_gemms_a_layer(tmp_path, smoke):
+    """`--fused`: the fp8 layers are qkv, o, gate/up and down, and each layer's output is what the
+    unfused layers computed (the same codes and scales, one GEMM where there were several)."""
+    argv = ["--smoke", "--fused", "--variants", "channel-token", "--phases", "decode_b1", "--reps", "1"]
+    saved = llama3_layer.main([*argv, "--calls", "1", "--out", str(tmp_path / "fused.json")])
+    assert not saved["errors"], saved["errors"]
+    assert saved["config"]["fused_projections"] is True
+    run = saved["phases"]["decode_b1"]["variants"]["channel-token"]
+    names = sorted(plan["path"].rsplit("/", 1)[1] for plan in run["plans"])
+    layers = llama3_layer.SMOKE_CONFIG.num_hidden_layers
+    assert names == sorted(["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] * layers)
+    unfused = smoke[1]["phases"]["decode_b1"]["variants"]["channel-token"]
+    assert run["output_std"] == pytest.approx(unfused["output_std"], rel=1e-3)

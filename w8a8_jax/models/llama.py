@@ -165,11 +165,10 @@ class Attention(nnx.Module):
         batch, length, _ = x.shape
         kv_heads, head_dim = config.num_key_value_heads, config.head_dim
         groups = config.num_attention_heads // kv_heads
-        q = rope(
-            self.q_proj(x).reshape(batch, length, config.num_attention_heads, head_dim), positions, config.rope_theta
-        )
-        k = rope(self.k_proj(x).reshape(batch, length, kv_heads, head_dim), positions, config.rope_theta)
-        v = self.v_proj(x).reshape(batch, length, kv_heads, head_dim)
+        q, k, v = self.project(x)
+        q = rope(q.reshape(batch, length, config.num_attention_heads, head_dim), positions, config.rope_theta)
+        k = rope(k.reshape(batch, length, kv_heads, head_dim), positions, config.rope_theta)
+        v = v.reshape(batch, length, kv_heads, head_dim)
         # A masked position's weight is exactly 0, but 0 * NaN is NaN: a non-finite value would reach
         # the earlier queries that never see it. Its key is non-finite too (one input row), so every
         # query that does see the position still turns NaN, through its score.
@@ -189,9 +188,20 @@ class Attention(nnx.Module):
         out = out.transpose(0, 3, 1, 2, 4).reshape(batch, length, -1)
         return self.o_proj(out), keys, values
 
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`x (B, T, hidden)` -> queries `(B, T, heads * head_dim)`, keys and values `(B, T, kv heads *
+        head_dim)`: one GEMM where `fused.fuse_projections` made a `qkv_proj`, else three."""
+        qkv_proj = getattr(self, "qkv_proj", None)
+        if qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_width = self.config.num_attention_heads * self.config.head_dim
+        kv_width = self.config.num_key_value_heads * self.config.head_dim
+        return tuple(jnp.split(qkv_proj(x), [q_width, q_width + kv_width], axis=-1))
+
 
 class MLP(nnx.Module):
-    """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+    """SwiGLU: `down(silu(gate(x)) * up(x))`; gate and up are one GEMM where
+    `fused.fuse_projections` made a `gate_up_proj`."""
 
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
         self.gate_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
@@ -199,7 +209,12 @@ class MLP(nnx.Module):
         self.down_proj = _linear(config.intermediate_size, config.hidden_size, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up_proj = getattr(self, "gate_up_proj", None)
+        if gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = jnp.split(gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):

@@ -3,11 +3,10 @@ check it, then time it against XLA's block path, XLA bf16 and torch's blockwise 
 
 One run, one device: the kernel against the float64 reference first (odd M, K and N off the
 blocks, bias, every out dtype, K up to 18432), then per (M, K, N) one row of `timing.compare` on
-the same operands: the kernel (`kernels.gpu.block_scaled_mm`) under its default schedule and,
-where the tiles underfill the SMs, under the small-M one (`ours_small_m`: the swapped decode
-schedule at M <= 64, K split above, `tuned_block_sizes.decode_config` / `split_config`, checked
-first too), the block path the registered plan
-runs today (`w8a8_block_fp8_matmul`: XLA's dequantized or per-k-block GEMM) and XLA bf16 on the
+the same operands: the kernel (`kernels.gpu.block_scaled_mm`) under its default schedule and under
+the schedules not yet a default, each checked first too: `ours_small_m` where the tiles underfill
+the SMs (the swapped decode schedule at M <= 64, K split above, `tuned_block_sizes.small_m_config`)
+and `ours_overlapped` (overlapped promotion); the block path the registered plan runs today (`w8a8_block_fp8_matmul`: XLA's dequantized or per-k-block GEMM) and XLA bf16 on the
 codes' bf16 copy, then `torch._scaled_mm` blockwise and `torch.mm` bf16 on the very same arrays
 (DLPack; fp8 as a uint8 view), then the JAX variants again. Then the group quant (bf16 in): the
 kernel (`kernels.gpu.group_quant`), XLA's formula and a bf16 copy, in bytes/s. With `--e2e`,
@@ -32,6 +31,7 @@ samples, JAX before and after torch, CUPTI beside. Prints a short table last; ev
 
 import argparse
 import collections
+import dataclasses
 import functools
 import json
 import os
@@ -114,9 +114,22 @@ def small_m_config(m, k, n):
     return tbs.small_m_config(m, kp, np_, 2, platform.num_sms())
 
 
+def overlapped_config(m, k, n):
+    """The schedule with overlapped promotion (`GemmConfig.overlap_promotion`), not yet a default:
+    the small-M schedule where there is one, else the narrow 128x128 CTA."""
+    config = small_m_config(m, k, n) or tbs.NARROW_GEMM
+    if config.tile_n > tbs.PROMOTE_N:  # the wide CTA's two chunks: its narrow counterpart
+        config = dataclasses.replace(config, tile_n=tbs.PROMOTE_N, epi_tile_n=tbs.NARROW_GEMM.epi_tile_n)
+    return dataclasses.replace(config, overlap_promotion=True)
+
+
 def _schedule(config) -> dict:
     return dict(
-        k_splits=config.k_splits, swap_ab=config.swap_ab, cta=[config.cta_m, config.cta_n], stages=config.stages
+        k_splits=config.k_splits,
+        swap_ab=config.swap_ab,
+        overlap_promotion=config.overlap_promotion,
+        cta=[config.cta_m, config.cta_n],
+        stages=config.stages,
     )
 
 
@@ -137,7 +150,8 @@ def check_block(results):
         a, w, sa, sb = block_sets(key, m, k, n, 1)[0]
         bias = jax.random.normal(kbias, (n,), jnp.float32).astype(out_dtype) if with_bias else None
         ref = reference.block_scaled_mm(a, w, sa, sb, BLOCK, bias)
-        for config in dict.fromkeys([None, small_m_config(m, k, n)]):  # the default, then the small-M schedule
+        # The default, then the schedules not yet a default: small-M, overlapped promotion.
+        for config in dict.fromkeys([None, small_m_config(m, k, n), overlapped_config(m, k, n)]):
             entry = dict(kind="block_check", m=m, k=k, n=n, bias=with_bias, out_dtype=jnp.dtype(out_dtype).name)
             entry["schedule"] = "default" if config is None else _schedule(config)
             try:
@@ -184,6 +198,7 @@ def derived(row) -> dict:
     wall = timing.wall_times(row["times"])
     pairs = (("ours_block", "torch_block"), ("ours_block", "xla_block"), ("op_kernel", "xla_bf16"))
     pairs += (("ours_small_m", "torch_block"), ("ours_small_m", "ours_block"))
+    pairs += (("ours_overlapped", "torch_block"), ("ours_overlapped", "ours_block"))
     pairs += (("op_xla", "xla_bf16"), ("xla_bf16", "torch_bf16"))
     out["ratios"] = {f"{a}/{b}": wall[b] / wall[a] for a, b in pairs if a in wall and b in wall}
     return out
@@ -209,6 +224,8 @@ def bench_block(results, ms, kns, args, save):
             if small_m is not None:
                 row["small_m_schedule"] = _schedule(small_m)
                 jax_variants["ours_small_m"] = timing.Variant(functools.partial(ours, config=small_m), sets)
+            overlapped = overlapped_config(m, k, n)
+            jax_variants["ours_overlapped"] = timing.Variant(functools.partial(ours, config=overlapped), sets)
             if torch is None:
                 torch_variants, row["torch"] = {}, "not installed"
             else:
@@ -328,8 +345,9 @@ def entry_kernels(hlo_text: str) -> dict:
 
 def print_table(results):
     print("\nblock GEMM, bf16 out, wall clock: TFLOP/s (M <= 64: weight TB/s); ratio = their time / ours")
-    print("(ours_small_m: the swapped decode schedule at M <= 64, K split above, where the model splits)")
-    cols = ["ours_block", "ours_small_m", "xla_block", "xla_bf16", "torch_block", "torch_bf16"]
+    print("(ours_small_m: the swapped decode schedule at M <= 64, K split above, where the model splits;")
+    print(" ours_overlapped: overlapped promotion, on the small-M schedule or the 128x128 CTA; vs torch: our best)")
+    cols = ["ours_block", "ours_small_m", "ours_overlapped", "xla_block", "xla_bf16", "torch_block", "torch_bf16"]
     print(f"{'M':>5} {'K':>6} {'N':>6} | " + " ".join(f"{c[:12]:>12}" for c in cols) + " | vs torch  vs xla  drift")
     for r in results:
         if r["kind"] != "block":
@@ -338,7 +356,9 @@ def print_table(results):
         figures = d["weight_tbps"] if r["m"] <= 64 else d["tflops"]
         cells = " ".join(f"{figures[c]:12.1f}" if c in figures else f"{'-':>12}" for c in cols)
         ours_vs_torch = [
-            d["ratios"][f"{o}/torch_block"] for o in ("ours_block", "ours_small_m") if f"{o}/torch_block" in d["ratios"]
+            d["ratios"][f"{o}/torch_block"]
+            for o in ("ours_block", "ours_small_m", "ours_overlapped")
+            if f"{o}/torch_block" in d["ratios"]
         ]
         vs_torch = max(ours_vs_torch, default=float("nan"))  # the faster of our schedules
         vs_xla = d["ratios"].get("ours_block/xla_block", float("nan"))

@@ -3,7 +3,8 @@
 One run, one device: correctness against the float64 reference first, then per (M, K, N) one row
 of `timing.compare` on the same operands: our kernel (rowwise scales; per-tensor at M >= 1024;
 `ours_small_m`, where the tiles underfill the SMs: the swapped decode schedule at M <= 64, K split
-above, `tuned_block_sizes.small_m_config`, checked first too),
+above, `tuned_block_sizes.small_m_config`; `ours_overlapped`, with overlapped promotion: each
+checked first too),
 XLA's rowwise and per-tensor fp8 GEMMs and XLA bf16, then `torch._scaled_mm` rowwise and per-tensor
 and `torch.mm` bf16 on the very same arrays (DLPack; fp8 as a uint8 view), then the JAX variants
 again. Beside them, the GEMM `Fp8LinearOp`'s plan picks for that shape, so the plan's ratio to torch
@@ -24,6 +25,7 @@ after every row.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -92,7 +94,8 @@ def check_gemm(results):
         bias = jax.random.normal(kbias, (n,), jnp.float32).astype(out_dtype) if with_bias else None
         ref = reference.scaled_mm(a, b, sa, sb, bias)
         small_m = tbs.small_m_config(m, k, n, 2, platform.num_sms())
-        for name, config in dict(default=None, small_m=small_m).items():  # the default, then the small-M schedule
+        schedules = dict(default=None, small_m=small_m, overlapped=overlapped_config(m, k, n))
+        for name, config in schedules.items():  # the default, then the schedules not yet a default
             if name == "small_m" and config is None:
                 continue
             try:
@@ -170,6 +173,15 @@ def check_configs(results, configs):
             print(f"config {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         results.append(dict(kind="config_error", config=name, m=m, k=k, n=n, err=err))
         print(f"config {name} error at K={k}: {err}", flush=True)
+
+
+def overlapped_config(m, k, n):
+    """The schedule with overlapped promotion (`GemmConfig.overlap_promotion`), not yet a default:
+    the small-M schedule where there is one, else the narrow 128x128 CTA."""
+    config = tbs.small_m_config(m, k, n, 2, platform.num_sms()) or tbs.NARROW_GEMM
+    if config.tile_n > tbs.PROMOTE_N:  # the wide CTA's two chunks: its narrow counterpart
+        config = dataclasses.replace(config, tile_n=tbs.PROMOTE_N, epi_tile_n=tbs.NARROW_GEMM.epi_tile_n)
+    return dataclasses.replace(config, overlap_promotion=True)
 
 
 def _gemm_sets(key, m, k, n, r):
@@ -258,6 +270,7 @@ def bench_gemm(results, m_values, kn_values, args, configs, save):
             if small_m is not None:  # the swapped decode schedule at M <= 64, K split above
                 jax_variants["ours_small_m"] = ours(small_m)
                 row["small_m_schedule"] = dict(k_splits=small_m.k_splits, swap_ab=small_m.swap_ab)
+            jax_variants["ours_overlapped"] = ours(overlapped_config(m, k, n))
             for name, config in configs.items():
                 jax_variants[name] = ours(config)
             if args.only:
@@ -326,6 +339,8 @@ def derived(row) -> dict:
         ("ours_small_m", "torch_rowwise"),
         ("ours_small_m", "torch_tensor"),
         ("ours_small_m", "ours_rowwise"),
+        ("ours_overlapped", "torch_rowwise"),
+        ("ours_overlapped", "ours_rowwise"),
     ):
         timed = plan.get(mine, mine)
         if timed in wall and theirs in wall:
@@ -428,11 +443,11 @@ def print_table(results):
     """The short table: wall-clock figures (TFLOP/s, or weight TB/s at M <= 64) and the ratios."""
     print("\nGEMM, bf16 out, wall clock: TFLOP/s (M <= 64: weight TB/s); ratio = torch time / ours")
     print(
-        f"{'M':>5} {'K':>6} {'N':>6} | {'ours_row':>8} {'ours_t':>7} {'small_m':>7} {'xla_row':>7} {'xla_t':>7} "
-        f"{'bf16':>7} {'tch_row':>7} {'tch_t':>7} {'tch_bf':>7} | {'plan':>6} {'pl/row':>6} {'pl/t':>6} "
-        f"{'sm/row':>6} {'drift':>6}"
+        f"{'M':>5} {'K':>6} {'N':>6} | {'ours_row':>8} {'ours_t':>7} {'small_m':>7} {'overlap':>7} {'xla_row':>7} "
+        f"{'xla_t':>7} {'bf16':>7} {'tch_row':>7} {'tch_t':>7} {'tch_bf':>7} | {'plan':>6} {'pl/row':>6} "
+        f"{'pl/t':>6} {'sm/row':>6} {'ov/row':>6} {'drift':>6}"
     )
-    cols = ["ours_rowwise", "ours_tensor", "ours_small_m", "xla_rowwise", "xla_tensor", "xla_bf16"]
+    cols = ["ours_rowwise", "ours_tensor", "ours_small_m", "ours_overlapped", "xla_rowwise", "xla_tensor", "xla_bf16"]
     cols += ["torch_rowwise", "torch_tensor", "torch_bf16"]
     for r in results:
         if r["kind"] != "gemm":
@@ -449,9 +464,11 @@ def print_table(results):
             ratios.get("plan_tensor/torch_tensor", float("nan")),
         )
         small = ratios.get("ours_small_m/torch_rowwise", float("nan"))
+        overlap = ratios.get("ours_overlapped/torch_rowwise", float("nan"))
         drift = d["max_drift"] if d["max_drift"] is not None else float("nan")
         print(
-            f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells} | {plan:>6} {pr:6.2f} {pt:6.2f} {small:6.2f} {drift:6.1%}"
+            f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells} | {plan:>6} {pr:6.2f} {pt:6.2f} {small:6.2f} "
+            f"{overlap:6.2f} {drift:6.1%}"
         )
     extra = sorted({c for r in results if r["kind"] == "gemm" for c in r["times"] if c in EXPLORE})
     if extra:

@@ -59,14 +59,13 @@ def test_main_runs_the_check_gemm_and_e2e_rows_on_cpu(tmp_path, monkeypatch, cap
     saved = json.loads(path.read_text())
     assert saved[0]["kind"] == "run" and "--ms 3" in saved[0]["command"]
     checks = [r for r in saved if r["kind"] == "block_check"]
-    assert [c["schedule"] if c["schedule"] == "default" else c["schedule"]["swap_ab"] for c in checks] == [
-        "default",
-        True,  # M = 5: the swapped decode schedule, checked too
-    ]
+    schedules = [c["schedule"] for c in checks]
+    assert schedules[0] == "default"  # then M = 5's swapped decode schedule, without and with overlap
+    assert [(s["swap_ab"], s["overlap_promotion"]) for s in schedules[1:]] == [(True, False), (True, True)]
     assert all(c["ok"] and c["err"] <= c["tol"] for c in checks)
     (row,) = [r for r in saved if r["kind"] == "block"]
     assert (row["m"], row["k"], row["n"], row["torch"]) == (3, 256, 384, "not installed")
-    assert set(row["times"]) == {"ours_block", "ours_small_m", "xla_block", "xla_bf16"}
+    assert set(row["times"]) == {"ours_block", "ours_small_m", "ours_overlapped", "xla_block", "xla_bf16"}
     assert row["small_m_schedule"]["swap_ab"]
     assert all(t["wall_s"] > 0 and t["cupti_s"] is None for t in row["times"].values())
     (e2e,) = [r for r in saved if r["kind"] == "block_e2e"]
@@ -75,7 +74,7 @@ def test_main_runs_the_check_gemm_and_e2e_rows_on_cpu(tmp_path, monkeypatch, cap
     assert e2e["launches"]["op_kernel"] != e2e["launches"]["op_xla"]  # the override reached the compiled program
     (quant,) = [r for r in saved if r["kind"] == "group_quant"]
     assert quant["identical"] is True and set(quant["TBps"]) == {"ours", "xla", "copy"}
-    assert "checks: 2/2 passed" in capsys.readouterr().out
+    assert "checks: 3/3 passed" in capsys.readouterr().out
 
 
 def test_entry_kernels_counts_what_the_program_launches():

@@ -16,6 +16,15 @@ faster there (benchmarks/NOTES.md).
 The same schedule runs the block-scaled GEMM (`block_scaled_mm.py`): each k-step's activation
 scales then travel through the pipeline with the operands, and the promotion of each 128-column
 chunk multiplies it by its rows' scales times its weight block's scale; the epilogue adds the bias.
+
+Three variations of the schedule (`GemmConfig`), built and checked but not yet a default:
+- split K (`k_splits`): a work unit is a CTA tile over one slice of K; the kernel writes each
+  unit's float32 sum and one XLA fusion adds the slices, scales, adds the bias and casts (`gemm`);
+- swapped operands (`swap_ab`, decode): the kernel computes `out.T`, the weight's rows on `wgmma`'s
+  64-row side and the tokens on its narrow side, and XLA transposes the float32 result;
+- overlapped promotion (`overlap_promotion`): each k-block's `wgmma` runs into one of two
+  accumulators while the previous k-block's is promoted, so no promotion waits for the tensor cores
+  to drain (`_overlapped_step`).
 """
 
 import functools
@@ -108,6 +117,54 @@ def _mma_step(carry, a, b_nk, promote: bool, scales=None):
     return tuple(promoted(i, total) for i, total in enumerate(carry))
 
 
+def _zero_accumulator(acc_ref, interpret: bool) -> None:
+    """Zeroes a `wgmma` accumulator for reuse. The interpreter has no accumulator store (it holds
+    accumulators as plain buffers): there the zeros are a plain ref write."""
+    zeros = _zeros(acc_ref.shape)
+    if interpret:
+        jax.ref.set(acc_ref, (), zeros)
+    else:
+        acc_ref[...] = zeros
+
+
+def _overlapped_step(carry, k_step, accs, a, b_nk, scale, scale_dim: int, interpret: bool):
+    """One k-block of `wgmma` with the previous k-block's promotion under it (`overlap_promotion`).
+
+    `accs` are two accumulators used in turn (k-step parity): this step issues its `wgmma` into
+    one, waits for all but it (`wgmma_wait(1)`), adds the other (the previous step's) into the
+    float32 total, times that step's block scales, and zeroes it for the step after.
+    `carry = (total, in_flight_scale)`: the `(rows, <= PROMOTE_N)` total and the previous step's
+    scales (None: rowwise), a `(rows,)` vector (`scale_dim` 0) or a `(cols,)` one (1), as
+    `_mma_step`'s. `_finish_overlapped` promotes the last k-block.
+    """
+    total, in_flight_scale = carry
+
+    def issue_and_promote(acc, in_flight):
+        plgpu.wgmma(acc, a, b_nk.transpose((1, 0)))
+        done = plgpu.wgmma_accumulator_load(in_flight, wait_n=1)
+        if in_flight_scale is not None:
+            done = done * lax.broadcast_in_dim(in_flight_scale, done.shape, [scale_dim])
+        _zero_accumulator(in_flight, interpret)
+        return total + done
+
+    first, second = accs
+    total = lax.cond(
+        lax.rem(k_step, 2) == 0,
+        lambda: issue_and_promote(first, second),
+        lambda: issue_and_promote(second, first),
+    )
+    return total, scale
+
+
+def _finish_overlapped(carry, k_steps: int, accs, scale_dim: int):
+    """The total of an overlapped k-loop's final carry: its last k-block promoted."""
+    total, scale = carry
+    done = plgpu.wgmma_accumulator_load(accs[(k_steps - 1) % 2], wait_n=0)
+    if scale is not None:
+        done = done * lax.broadcast_in_dim(scale, done.shape, [scale_dim])
+    return total + done
+
+
 def _gemm_kernel(
     a_gmem,  # (Mp, K) fp8; swap_ab: the weight
     b_gmem,  # (N, K) fp8; swap_ab: the tokens
@@ -120,6 +177,7 @@ def _gemm_kernel(
     *,
     config: GemmConfig,
     block_scales: bool,
+    interpret: bool,
 ):
     m, k = a_gmem.shape
     n = b_gmem.shape[0]
@@ -136,28 +194,37 @@ def _gemm_kernel(
     raw = config.raw_out
     has_bias = bias_gmem is not None and not raw
     shared = ("cluster",)
+    # Promoted column chunks of a warpgroup's tile; block scales: the dimension they vary along
+    # (the rows are the tokens, or swapped the columns).
+    chunk = min(tile_n, tbs.PROMOTE_N)
+    chunks = tile_n // chunk
+    scale_dim = 1 if config.swap_ab else 0
 
+    # Overlapped promotion: a stage is read by its step's `wgmma` until the next step has waited.
+    release = dict(delay_release=1) if config.overlap_promotion else {}
     in_specs = [
         plgpu.BlockSpec(
             (cta_m, tile_k),
             lambda ki: (0, ki),
             transforms=transforms,
             collective_axes=shared if config.cluster == "n" else (),
+            **release,
         ),
         plgpu.BlockSpec(
             (cta_n, tile_k),
             lambda ki: (0, ki),
             transforms=transforms,
             collective_axes=shared if config.cluster == "m" else (),
+            **release,
         ),
     ]
     if block_scales:
         # The k-block's activation scales of the CTA's rows (swapped: of its columns, the tokens)
         # travel with its operands: one contiguous slab of the k-block-major array per stage.
         if config.swap_ab:
-            in_specs.append(plgpu.BlockSpec((1, cta_n), lambda ki: (ki, 0)))
+            in_specs.append(plgpu.BlockSpec((1, cta_n), lambda ki: (ki, 0), **release))
         else:
-            in_specs.append(plgpu.BlockSpec((1, cta_m // tile_m, tile_m), lambda ki: (ki, 0, 0)))
+            in_specs.append(plgpu.BlockSpec((1, cta_m // tile_m, tile_m), lambda ki: (ki, 0, 0), **release))
 
     def get_pipeline(body, compute_context, pipeline_state=None):
         return plgpu.emit_pipeline_warp_specialized(
@@ -212,6 +279,8 @@ def _gemm_kernel(
                 wg_m0, wg_n0 = m_idx * cta_m, n_idx * cta_n + wg * tile_n
                 wg_m_slice, wg_n_slice = slice(None), pl.ds(wg * tile_n, tile_n)
 
+            accs = []  # overlap_promotion: the two accumulators `compute_context` allocates for `mma_body`
+
             def compute_context(eval_pipeline):
                 # The epilogue vectors travel while the k-loop runs (block scales apply in the loop).
                 if not (block_scales or raw):
@@ -226,7 +295,7 @@ def _gemm_kernel(
                         bias_gmem.at[pl.ds(wg_n0, tile_n)], bias_smem.at[wg], vector_barriers.at[3 * wg + 2]
                     )
 
-                def epilogue(chunks):  # column chunks of the (tile_m, tile_n) float32 total, WGMMA layout
+                def epilogue(totals):  # column chunks of the (tile_m, tile_n) float32 total, WGMMA layout
                     rowwise = not (block_scales or raw)
                     if rowwise:
                         plgpu.barrier_wait(vector_barriers.at[3 * wg])
@@ -235,9 +304,9 @@ def _gemm_kernel(
                     if has_bias:
                         plgpu.barrier_wait(vector_barriers.at[3 * wg + 2])
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    chunk_n = chunks[0].shape[1]
+                    chunk_n = totals[0].shape[1]
                     stores = 0
-                    for c, acc in enumerate(chunks):
+                    for c, acc in enumerate(totals):
                         cols = pl.ds(c * chunk_n, chunk_n)
                         out = acc
                         if rowwise:
@@ -264,7 +333,25 @@ def _gemm_kernel(
                                     .at[epi_m_slice, pl.ds(c * chunk_n + epi_ni * epi_n, epi_n)],
                                 )
 
-                if config.promote:
+                if config.overlap_promotion:
+
+                    @functools.partial(
+                        pl.run_scoped,
+                        first=plgpu.ACC((tile_m, tile_n), jnp.float32),
+                        second=plgpu.ACC((tile_m, tile_n), jnp.float32),
+                    )
+                    def _overlapped_scope(first, second):
+                        # Before the first k-block nothing is in flight: a zero accumulator, scale 0.
+                        scale = None
+                        if block_scales:
+                            length = (tile_m, tile_n)[scale_dim]
+                            layout = plgpu.Layout.WGMMA.reduce(1 - scale_dim)
+                            scale = plgpu.layout_cast(jnp.zeros((length,), jnp.float32), layout)
+                        accs[:] = [first, second]
+                        carry = eval_pipeline((_zeros((tile_m, tile_n)), scale))
+                        epilogue((_finish_overlapped(carry, k_iters, accs, scale_dim),))
+
+                elif config.promote:
                     epilogue(eval_pipeline(_promoted_zeros(tile_m, tile_n)))
                 else:
 
@@ -282,7 +369,6 @@ def _gemm_kernel(
                         # scalar from global memory) times each chunk's token scales of this k-block.
                         block_scale = plgpu.load(scale_b_gmem.at[wg_m0 // tbs.PROMOTE_N, kb])
                         wg_col0 = 0 if config.wg_split == "m" else wg * tile_n
-                        chunk = carry[0].shape[1]
                         scales = tuple(
                             (
                                 plgpu.load(
@@ -292,7 +378,7 @@ def _gemm_kernel(
                                 * block_scale,
                                 1,
                             )
-                            for c in range(len(carry))
+                            for c in range(chunks)
                         )
                     else:
                         # The warpgroup's row scales for this k-block times each 128-column chunk's
@@ -304,9 +390,13 @@ def _gemm_kernel(
                         )
                         first_block = wg_n0 // tbs.PROMOTE_N
                         scales = tuple(
-                            (row_scale * plgpu.load(scale_b_gmem.at[first_block + c, kb]), 0) for c in range(len(carry))
+                            (row_scale * plgpu.load(scale_b_gmem.at[first_block + c, kb]), 0) for c in range(chunks)
                         )
-                return _mma_step(carry, a_smem.at[wg_m_slice], b_smem.at[wg_n_slice], config.promote, scales)
+                a_tile, b_tile = a_smem.at[wg_m_slice], b_smem.at[wg_n_slice]
+                if config.overlap_promotion:
+                    scale = None if scales is None else scales[0][0]
+                    return _overlapped_step(carry, indices[0], accs, a_tile, b_tile, scale, scale_dim, interpret)
+                return _mma_step(carry, a_tile, b_tile, config.promote, scales)
 
             pipeline_state = None
             if config.persistent_pipeline:
@@ -389,7 +479,7 @@ def gemm_large_m(
     cluster = {} if config.cluster is None else dict(cluster=(2,), cluster_names=("cluster",))
     out_rows = m * config.k_splits
     kernel = plgpu.kernel(
-        functools.partial(_gemm_kernel, config=config, block_scales=block_scales),
+        functools.partial(_gemm_kernel, config=config, block_scales=block_scales, interpret=interpret),
         out_type=jax.ShapeDtypeStruct((out_rows, n), out_dtype),
         grid=(tbs.grid_slots(config, platform.num_sms()),),
         grid_names=("sm",),

@@ -57,6 +57,11 @@ class GemmConfig:
       k_splits: K is cut into this many equal slices, each a work unit of its own: the kernel
         writes every unit's float32 sum and XLA adds the slices, then scales, adds the bias and
         casts (one rounding). Fills the SMs where the output tiles alone do not.
+      overlap_promotion: each k-block's `wgmma` runs into one of two accumulators while the one
+        before it is promoted (`wgmma_wait(1)`), so the tensor cores never wait for a promotion;
+        the pipeline then releases each stage one step later. Needs promotion and one chunk a
+        warpgroup (tile_n <= PROMOTE_N: 3 accumulator tiles in registers), and cannot combine
+        with the persistent pipeline (Pallas runs no pipeline of pipelines with delayed release).
       swap_ab: the kernel computes `out.T = weight @ qinput.T`: the weight is the `wgmma` A
         operand (its rows on the 64-row M side) and the tokens, padded to tile_n, the narrow N
         side, so decode-sized M wastes no tensor-core rows; XLA transposes the float32 result.
@@ -75,7 +80,12 @@ class GemmConfig:
     persistent_pipeline: bool = False
     cluster: str | None = None
     k_splits: int = 1
+    overlap_promotion: bool = False
     swap_ab: bool = False
+
+    def __post_init__(self):
+        if self.overlap_promotion and (not self.promote or self.tile_n > PROMOTE_N):
+            raise ValueError(f"overlap_promotion needs promote=True and tile_n <= {PROMOTE_N}, got {self}")
 
     @property
     def cta_m(self) -> int:
@@ -128,17 +138,18 @@ def _smem_bytes(config: GemmConfig, out_itemsize: int, stages: int) -> int:
 def fit_stages(config: GemmConfig, out_itemsize: int, k: int) -> GemmConfig:
     """The config with as many ring stages (<= config.stages, >= 2) as fit in shared memory; a
     persistent pipeline also needs a unit's k-blocks (k / tile_k / k_splits) to be a multiple of
-    the stages, else it is turned off."""
+    the stages, and overlapped promotion at least two of them, else each is turned off."""
     stages = config.stages
     while stages > 2 and _smem_bytes(config, out_itemsize, stages) > SMEM_BYTES:
         stages -= 1
-    persistent = config.persistent_pipeline
+    k_blocks = k // config.tile_k // config.k_splits
+    overlap = config.overlap_promotion and k_blocks >= 2
+    persistent = config.persistent_pipeline and not overlap
     if persistent:
-        k_blocks = k // config.tile_k // config.k_splits
         fitting = [s for s in range(stages, 1, -1) if k_blocks % s == 0]
         persistent = bool(fitting)
         stages = fitting[0] if fitting else stages
-    return dataclasses.replace(config, stages=stages, persistent_pipeline=persistent)
+    return dataclasses.replace(config, stages=stages, persistent_pipeline=persistent, overlap_promotion=overlap)
 
 
 def grid_slots(config: GemmConfig, num_sms: int) -> int:

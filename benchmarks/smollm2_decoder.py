@@ -11,8 +11,11 @@ needed; each variant still records that its logits came out finite.
 
 Variants: `bf16` (the float model, bfloat16 weights and activations) and each scheme of
 `models.schemes.SCHEMES`, converted in memory by `schemes.quantize` (`tensor-static` calibrated on
-`schemes.calibration_batches` of random token ids), all with bfloat16 activations. Each variant has
-one `Generator(model, cache_length=4096)` (default buckets). Phases, in this order:
+`schemes.calibration_batches` of random token ids), all with bfloat16 activations. With `--fused`, every variant's q/k/v and gate/up
+projections are fused into one each (`models.fused.fuse_projections`) where its scheme allows it
+(`block` does not at these shapes: k and v end inside a 128-row block; the reason is recorded as
+`not_fused`). Each variant has one `Generator(model, cache_length=4096)` (default buckets). Phases,
+in this order:
 
   compile_loop  per variant first, on the fresh generator: `generate` of 4 tokens for each of 20
                 prompt lengths spread over 5..2000 at batch 1; the prefill and decode compiles
@@ -87,7 +90,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import cupti_profile
 
 from w8a8_jax import dense, module_tree
-from w8a8_jax.models import generate, schemes
+from w8a8_jax.models import fused, generate, schemes
 from w8a8_jax.models.llama import KVCache, Llama, LlamaConfig
 from w8a8_jax.nnx import Fp8Dense
 
@@ -185,6 +188,16 @@ def build_model(config: LlamaConfig, variant: str, sizes: Sizes) -> Llama:
             calibration = schemes.calibration_batches(ids, sizes.calibration_length)
         schemes.quantize(model, variant, calibration)
     return model
+
+
+def fuse(model: Llama) -> str | None:
+    """Fuses q/k/v and gate/up (`models.fused.fuse_projections`); the reason where the scheme cannot
+    (block weights whose shards end inside a block: SmolLM2's 192-row k and v), else None."""
+    try:
+        fused.fuse_projections(model)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def linear_layers(model: Llama) -> list[tuple[str, tuple, nnx.Module]]:
@@ -477,6 +490,8 @@ def prepare(ctx: dict, variant: str) -> None:
         return
     start = time.perf_counter()
     model = build_model(ctx["config"], variant, ctx["sizes"])
+    if ctx["fused"]:
+        entry["result"]["not_fused"] = fuse(model)
     entry["model"] = model
     entry["generator"] = generate.Generator(model, cache_length=ctx["sizes"].cache_length)
     result = entry["result"]
@@ -614,6 +629,11 @@ def parse_args(argv=None):
     parser.add_argument("--decode-steps", type=int, help="back-to-back decode steps per timed loop (default 50)")
     parser.add_argument("--time-budget", type=float, default=480.0, help="seconds; phases left after it are skipped")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and sizes: the whole path in seconds on CPU")
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="fuse q/k/v and gate/up into one projection each where the scheme allows (the reason recorded if not)",
+    )
     return parser.parse_args(argv)
 
 
@@ -642,6 +662,7 @@ def main(argv=None) -> dict:
             dtype="bfloat16",
             sizes=dataclasses.asdict(sizes),
             variants=list(args.variants),
+            fused_projections=args.fused,
             phases=list(args.phases),
             reps=args.reps,
             cupti_reps=args.cupti_reps,
@@ -658,6 +679,7 @@ def main(argv=None) -> dict:
         reps=args.reps,
         cupti_reps=args.cupti_reps,
         deadline=start + args.time_budget,
+        fused=args.fused,
         cupti={"error": None},
         variants={variant: {"result": results["variants"][variant]} for variant in args.variants},
     )

@@ -165,3 +165,12 @@ def test_tasks_run_in_order_and_by_phase():
         (f"decode_b{b}", v, ("decode", str(b))) for b in sizes.batches for v in variants
     ]
     assert [p for p, *_ in smollm2_decoder.tasks(sizes, variants, ["compile_loop"])] == ["compile_loop"] * 2
+
+
+def test_fused_run_fuses_where_the_scheme_allows(tmp_path):
+    argv = ["--smoke", "--fused", "--variants", "bf16", "block", "--phases", "decode", "--reps", "1"]
+    saved = smollm2_decoder.main([*argv, "--cupti-reps", "1", "--out", str(tmp_path / "fused.json")])
+    assert not saved["errors"], saved["errors"]
+    assert saved["config"]["fused_projections"] is True
+    assert saved["variants"]["bf16"]["not_fused"] is None
+    assert "fused block fp8 shards must be multiples" in saved["variants"]["block"]["not_fused"]

@@ -31,7 +31,6 @@ samples, JAX before and after torch, CUPTI beside. Prints a short table last; ev
 
 import argparse
 import collections
-import dataclasses
 import functools
 import json
 import os
@@ -108,19 +107,14 @@ def ours(a, w, sa, sb, bias=None, out_dtype=jnp.bfloat16, config=None):
     return gpu_block.block_scaled_mm(a, w, sa, sb, BLOCK, bias, out_dtype, config=config)
 
 
+def padded(m, k, n):
+    """`(M, K, N)` as the block kernel runs them: K and N padded to the blocks."""
+    return m, layout.round_up(k, BLOCK[1]), layout.round_up(n, BLOCK[0])
+
+
 def small_m_config(m, k, n):
     """`tuned_block_sizes.small_m_config` for the block kernel's padded K and N."""
-    kp, np_ = layout.round_up(k, BLOCK[1]), layout.round_up(n, BLOCK[0])
-    return tbs.small_m_config(m, kp, np_, 2, platform.num_sms())
-
-
-def overlapped_config(m, k, n):
-    """The schedule with overlapped promotion (`GemmConfig.overlap_promotion`), not yet a default:
-    the small-M schedule where there is one, else the narrow 128x128 CTA."""
-    config = small_m_config(m, k, n) or tbs.NARROW_GEMM
-    if config.tile_n > tbs.PROMOTE_N:  # the wide CTA's two chunks: its narrow counterpart
-        config = dataclasses.replace(config, tile_n=tbs.PROMOTE_N, epi_tile_n=tbs.NARROW_GEMM.epi_tile_n)
-    return dataclasses.replace(config, overlap_promotion=True)
+    return tbs.small_m_config(*padded(m, k, n), 2, platform.num_sms())
 
 
 def _schedule(config) -> dict:
@@ -151,7 +145,9 @@ def check_block(results):
         bias = jax.random.normal(kbias, (n,), jnp.float32).astype(out_dtype) if with_bias else None
         ref = reference.block_scaled_mm(a, w, sa, sb, BLOCK, bias)
         # The default, then the schedules not yet a default: small-M, overlapped promotion.
-        for config in dict.fromkeys([None, small_m_config(m, k, n), overlapped_config(m, k, n)]):
+        for config in dict.fromkeys(
+            [None, small_m_config(m, k, n), tbs.overlapped_config(*padded(m, k, n), 2, platform.num_sms())]
+        ):
             entry = dict(kind="block_check", m=m, k=k, n=n, bias=with_bias, out_dtype=jnp.dtype(out_dtype).name)
             entry["schedule"] = "default" if config is None else _schedule(config)
             try:
@@ -224,7 +220,7 @@ def bench_block(results, ms, kns, args, save):
             if small_m is not None:
                 row["small_m_schedule"] = _schedule(small_m)
                 jax_variants["ours_small_m"] = timing.Variant(functools.partial(ours, config=small_m), sets)
-            overlapped = overlapped_config(m, k, n)
+            overlapped = tbs.overlapped_config(*padded(m, k, n), 2, platform.num_sms())
             jax_variants["ours_overlapped"] = timing.Variant(functools.partial(ours, config=overlapped), sets)
             if torch is None:
                 torch_variants, row["torch"] = {}, "not installed"

@@ -25,7 +25,6 @@ after every row.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import shlex
@@ -94,7 +93,9 @@ def check_gemm(results):
         bias = jax.random.normal(kbias, (n,), jnp.float32).astype(out_dtype) if with_bias else None
         ref = reference.scaled_mm(a, b, sa, sb, bias)
         small_m = tbs.small_m_config(m, k, n, 2, platform.num_sms())
-        schedules = dict(default=None, small_m=small_m, overlapped=overlapped_config(m, k, n))
+        schedules = dict(
+            default=None, small_m=small_m, overlapped=tbs.overlapped_config(m, k, n, 2, platform.num_sms())
+        )
         for name, config in schedules.items():  # the default, then the schedules not yet a default
             if name == "small_m" and config is None:
                 continue
@@ -173,15 +174,6 @@ def check_configs(results, configs):
             print(f"config {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         results.append(dict(kind="config_error", config=name, m=m, k=k, n=n, err=err))
         print(f"config {name} error at K={k}: {err}", flush=True)
-
-
-def overlapped_config(m, k, n):
-    """The schedule with overlapped promotion (`GemmConfig.overlap_promotion`), not yet a default:
-    the small-M schedule where there is one, else the narrow 128x128 CTA."""
-    config = tbs.small_m_config(m, k, n, 2, platform.num_sms()) or tbs.NARROW_GEMM
-    if config.tile_n > tbs.PROMOTE_N:  # the wide CTA's two chunks: its narrow counterpart
-        config = dataclasses.replace(config, tile_n=tbs.PROMOTE_N, epi_tile_n=tbs.NARROW_GEMM.epi_tile_n)
-    return dataclasses.replace(config, overlap_promotion=True)
 
 
 def _gemm_sets(key, m, k, n, r):
@@ -270,7 +262,7 @@ def bench_gemm(results, m_values, kn_values, args, configs, save):
             if small_m is not None:  # the swapped decode schedule at M <= 64, K split above
                 jax_variants["ours_small_m"] = ours(small_m)
                 row["small_m_schedule"] = dict(k_splits=small_m.k_splits, swap_ab=small_m.swap_ab)
-            jax_variants["ours_overlapped"] = ours(overlapped_config(m, k, n))
+            jax_variants["ours_overlapped"] = ours(tbs.overlapped_config(m, k, n, 2, platform.num_sms()))
             for name, config in configs.items():
                 jax_variants[name] = ours(config)
             if args.only:

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from w8a8_jax import platform
+from w8a8_jax import layout, platform
+from w8a8_jax.kernels.gpu import block_scaled_mm as gpu_block
 from w8a8_jax.kernels.gpu import quant
 from w8a8_jax.kernels.gpu import scaled_mm as gpu_mm
 from w8a8_jax.kernels.gpu import tuned_block_sizes as tbs
@@ -23,6 +24,27 @@ def lowers_to_mosaic_gpu(fn, *args) -> bool:
 
 def spec(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def gemm_lowers(kind: str, m: int, k: int, n: int, config: tbs.GemmConfig) -> bool:
+    """Whether the "rowwise" (`scaled_mm`, N padded to 128 first) or "block" (`block_scaled_mm`,
+    128x128 blocks) GEMM of `(m, k) x (n, k)` lowers under `config`, bf16 out with a bias."""
+    if kind == "rowwise":
+        n = layout.round_up(n, 128)
+
+        def fn(q, w, sa, sb, bias):
+            return gpu_mm.scaled_mm(q, w, sa, sb, bias, jnp.bfloat16, config=config)
+
+        scales = (spec((m, 1), jnp.float32), spec((n, 1), jnp.float32))
+    else:
+
+        def fn(q, w, sa, sb, bias):
+            return gpu_block.block_scaled_mm(q, w, sa, sb, (128, 128), bias, jnp.bfloat16, config=config)
+
+        kb = layout.num_blocks(k, 128)
+        scales = (spec((m, kb), jnp.float32), spec((layout.num_blocks(n, 128), kb), jnp.float32))
+    q, w = spec((m, k), jnp.float8_e4m3fn), spec((n, k), jnp.float8_e4m3fn)
+    return lowers_to_mosaic_gpu(fn, q, w, *scales, spec((n,), jnp.bfloat16))
 
 
 @pytest.mark.parametrize(

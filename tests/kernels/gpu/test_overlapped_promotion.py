@@ -11,12 +11,10 @@ import pytest
 
 from tests import reference
 from tests.kernels.gpu.test_block_scaled_mm import check as check_block
-from tests.kernels.gpu.test_lowering import lowers_to_mosaic_gpu, spec
+from tests.kernels.gpu.test_lowering import gemm_lowers
 from tests.kernels.gpu.test_scaled_mm import check as check_rowwise
 from tests.kernels.gpu.test_scaled_mm import on_hopper
-from w8a8_jax import layout, platform
-from w8a8_jax.kernels.gpu import block_scaled_mm as gpu_block
-from w8a8_jax.kernels.gpu import scaled_mm as gpu_mm
+from w8a8_jax import platform
 from w8a8_jax.kernels.gpu import tuned_block_sizes as tbs
 
 BLOCK = (128, 128)
@@ -70,22 +68,7 @@ def test_config_rules():
 )
 @pytest.mark.parametrize("kind", ["rowwise", "block"])
 def test_lowers(m, k, n, config, kind):
-    kb, nb = layout.num_blocks(k, 128), layout.num_blocks(n, 128)
-    if kind == "rowwise":
-        n = layout.round_up(n, 128)
-
-        def fn(q, w, sa, sb, bias):
-            return gpu_mm.scaled_mm(q, w, sa, sb, bias, jnp.bfloat16, config=config)
-
-        scales = (spec((m, 1), jnp.float32), spec((n, 1), jnp.float32))
-    else:
-
-        def fn(q, w, sa, sb, bias):
-            return gpu_block.block_scaled_mm(q, w, sa, sb, BLOCK, bias, jnp.bfloat16, config=config)
-
-        scales = (spec((m, kb), jnp.float32), spec((nb, kb), jnp.float32))
-    q, w = spec((m, k), jnp.float8_e4m3fn), spec((n, k), jnp.float8_e4m3fn)
-    assert lowers_to_mosaic_gpu(fn, q, w, *scales, spec((n,), jnp.bfloat16))
+    assert gemm_lowers(kind, m, k, n, config)
 
 
 @pytest.mark.skipif(not on_hopper, reason="needs a Hopper GPU (compute capability 9.x)")

@@ -15,7 +15,7 @@ from tests import reference
 from tests.kernels.gpu.test_block_scaled_mm import check as check_block
 from tests.kernels.gpu.test_block_scaled_mm import operands as block_operands
 from tests.kernels.gpu.test_block_scaled_mm import relative_error
-from tests.kernels.gpu.test_lowering import lowers_to_mosaic_gpu, spec
+from tests.kernels.gpu.test_lowering import gemm_lowers
 from tests.kernels.gpu.test_scaled_mm import check as check_rowwise
 from tests.kernels.gpu.test_scaled_mm import on_hopper
 from w8a8_jax import layout, platform
@@ -183,21 +183,7 @@ def test_lowers(m, k, n, choose, kind):
     np_ = layout.round_up(n, 128)
     config = (tbs.decode_config if choose == "decode" else tbs.split_config)(m, k, np_, 2, 132)
     assert config.raw_out
-    kb, nb = layout.num_blocks(k, 128), layout.num_blocks(n, 128)
-    if kind == "rowwise":
-
-        def fn(q, w, sa, sb, bias):
-            return gpu_mm.scaled_mm(q, w, sa, sb, bias, jnp.bfloat16, config=config)
-
-        scales = (spec((m, 1), jnp.float32), spec((n, 1), jnp.float32))
-    else:
-
-        def fn(q, w, sa, sb, bias):
-            return gpu_block.block_scaled_mm(q, w, sa, sb, BLOCK, bias, jnp.bfloat16, config=config)
-
-        scales = (spec((m, kb), jnp.float32), spec((nb, kb), jnp.float32))
-    q, w = spec((m, k), jnp.float8_e4m3fn), spec((n, k), jnp.float8_e4m3fn)
-    assert lowers_to_mosaic_gpu(fn, q, w, *scales, spec((n,), jnp.bfloat16))
+    assert gemm_lowers(kind, m, k, n, config)
 
 
 # --- on a Hopper GPU ------------------------------------------------------------------------------

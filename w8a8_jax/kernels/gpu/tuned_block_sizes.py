@@ -284,6 +284,16 @@ def small_m_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> G
     return config if config.k_splits > 1 else None
 
 
+def overlapped_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
+    """A schedule with overlapped promotion, not yet a default: `small_m_config`'s where there is
+    one, else the narrow 128x128 CTA (one promoted chunk a warpgroup)."""
+    config = small_m_config(m, k, n, out_itemsize, num_sms) or _tile_config(m, n, num_sms)
+    if config.tile_n > PROMOTE_N:  # the wide CTA's two chunks: its 128x128 counterpart
+        config = dataclasses.replace(config, tile_n=PROMOTE_N, epi_tile_n=NARROW_GEMM.epi_tile_n)
+    config = dataclasses.replace(config, overlap_promotion=True)
+    return fit_stages(config, out_itemsize, k)
+
+
 # Where the kernel beats XLA's fp8 GEMM (cuBLASLt, float32 accumulation), by a rule calibrated on the
 # H200 grid of Llama-3-8B shapes and 8192^2 at M = 128 .. 8192 (benchmarks/NOTES.md, "H200 v1"):
 # - decode-sized M (one CTA row, M <= 64) stays with XLA: the kernel reads the weight at 0.7-2.4

@@ -10,11 +10,13 @@ M of one CTA row, and shapes whose wide tiles would leave more of the last wave 
 (`wave_efficiency`). `kernel_is_faster` is the measured rule the dispatch plan reads: where, by its
 grid's fill of the SMs, the kernel beats XLA.
 
-Two schedules for the shapes whose output tiles underfill the SMs, built and checked but not yet
-timed on a GPU, so no default picks them (benchmarks name them): `split_config` splits K
-(`GemmConfig.k_splits`) where that fills the SMs' slots, and `decode_config`, for decode-sized M,
-swaps the operands (`GemmConfig.swap_ab`) so the weight's rows fill `wgmma`'s 64-row side and the
-few tokens its narrow side, and splits K too.
+Three schedules built and checked but not yet timed on a GPU, so no default picks them (the
+benchmarks name them): for the shapes whose output tiles underfill the SMs, `split_config` splits K
+(`GemmConfig.k_splits`) where the model (`predicted_seconds`) says that pays, and `decode_config`,
+for decode-sized M, swaps the operands (`GemmConfig.swap_ab`) so the weight's rows fill `wgmma`'s
+64-row side and the few tokens its narrow side, and splits K too (`small_m_config` picks between
+them); and `overlapped_config`, which promotes each k-block under the next one's `wgmma`
+(`GemmConfig.overlap_promotion`).
 """
 
 import dataclasses

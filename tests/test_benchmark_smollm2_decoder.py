@@ -168,7 +168,7 @@ def test_tasks_run_in_order_and_by_phase():
 
 
 def test_fused_run_fuses_where_the_scheme_allows(tmp_path):
-    argv = ["--smoke", "--fused", "--variants", "bf16", "block", "--phases", "decode", "--reps", "1"]
+    argv = ["--smoke", "--fused", "--variants", "bf16", "block", "--phases", "linears", "--reps", "1"]
     saved = smollm2_decoder.main([*argv, "--cupti-reps", "1", "--out", str(tmp_path / "fused.json")])
     assert not saved["errors"], saved["errors"]
     assert saved["config"]["fused_projections"] is True

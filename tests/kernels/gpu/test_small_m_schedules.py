@@ -28,7 +28,6 @@ SPLIT = dataclasses.replace(tbs.NARROW_GEMM, k_splits=2)
 SPLIT_WIDE = dataclasses.replace(tbs.DEFAULT_GEMM, k_splits=3, epi_tile_n=16)
 SWAPPED = dataclasses.replace(tbs.DECODE_GEMM, tile_n=16)
 SWAPPED_SPLIT = dataclasses.replace(tbs.DECODE_GEMM, tile_n=32, k_splits=3)
-SCHEDULES = [SPLIT, SPLIT_WIDE, SWAPPED, SWAPPED_SPLIT]
 IDS = ["split", "split_wide", "swapped", "swapped_split"]
 
 
@@ -38,23 +37,35 @@ def _shape(config, m):
     return (min(m, config.tile_n) if config.swap_ab else m), 768, 512
 
 
-# Interpret mode (2 SMs, so a CTA runs several work units): odd M, bias or not, every out dtype.
-@pytest.mark.parametrize("config", SCHEDULES, ids=IDS)
+# Interpret mode (2 SMs, so a CTA runs several work units): each schedule at two M (odd, and
+# decode-sized or past a CTA row), bias or not, every out dtype and both scale granularities.
 @pytest.mark.parametrize(
-    "m, granularity, with_bias, out_dtype",
+    "config, m, granularity, with_bias, out_dtype",
     [
-        (5, "rowwise", True, jnp.bfloat16),
-        (16, "per_tensor", False, jnp.float32),
-        (130, "rowwise", False, jnp.float16),
+        (SPLIT, 5, "rowwise", True, jnp.bfloat16),
+        (SPLIT, 130, "per_tensor", False, jnp.float16),
+        (SPLIT_WIDE, 130, "rowwise", True, jnp.float32),
+        (SWAPPED, 5, "per_tensor", True, jnp.float16),
+        (SWAPPED, 16, "rowwise", False, jnp.float32),
+        (SWAPPED_SPLIT, 7, "rowwise", True, jnp.bfloat16),
     ],
+    ids=["split_5", "split_130", "split_wide", "swapped_5", "swapped_16", "swapped_split"],
 )
 def test_rowwise_interpret(key, config, m, granularity, with_bias, out_dtype):
     m, k, n = _shape(config, m)
     check_rowwise(key, m, k, n, granularity, with_bias, out_dtype, interpret=True, config=config)
 
 
-@pytest.mark.parametrize("config", SCHEDULES, ids=IDS)
-@pytest.mark.parametrize("m, with_bias, out_dtype", [(3, True, jnp.float32), (130, False, jnp.bfloat16)])
+@pytest.mark.parametrize(
+    "config, m, with_bias, out_dtype",
+    [
+        (SPLIT, 3, True, jnp.float32),
+        (SPLIT_WIDE, 130, False, jnp.bfloat16),
+        (SWAPPED, 3, False, jnp.bfloat16),
+        (SWAPPED_SPLIT, 30, True, jnp.float32),
+    ],
+    ids=IDS,
+)
 def test_block_interpret(key, config, m, with_bias, out_dtype):
     m, k, n = _shape(config, m)
     check_block(key, m, k, n, with_bias, out_dtype, config=config)

@@ -60,8 +60,8 @@ class GemmConfig:
         writes every unit's float32 sum and XLA adds the slices, then scales, adds the bias and
         casts (one rounding). Fills the SMs where the output tiles alone do not.
       overlap_promotion: each k-block's `wgmma` runs into one of two accumulators while the one
-        before it is promoted (`wgmma_wait(1)`), so the tensor cores never wait for a promotion;
-        the pipeline then releases each stage one step later. Needs promotion and one chunk a
+        before it is promoted (`wgmma_wait(1)`); the pipeline then releases each stage one step
+        later. Measured 2.9-3.4x slower than without on the H200 (benchmarks/NOTES.md). Needs promotion and one chunk a
         warpgroup (tile_n <= PROMOTE_N: 3 accumulator tiles in registers), and cannot combine
         with the persistent pipeline (Pallas runs no pipeline of pipelines with delayed release).
       swap_ab: the kernel computes `out.T = weight @ qinput.T`: the weight is the `wgmma` A

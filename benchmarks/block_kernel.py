@@ -6,7 +6,7 @@ blocks, bias, every out dtype, K up to 18432), then per (M, K, N) one row of `ti
 the same operands: the kernel (`kernels.gpu.block_scaled_mm`) under its default schedule and under
 the schedules not yet a default, each checked first too: `ours_small_m` where the tiles underfill
 the SMs (the swapped decode schedule at M <= 64, K split above, `tuned_block_sizes.small_m_config`)
-and `ours_overlapped` (overlapped promotion); the block path the registered plan runs today (`w8a8_block_fp8_matmul`: XLA's dequantized or per-k-block GEMM) and XLA bf16 on the
+and, with `--overlapped`, `ours_overlapped` (overlapped promotion, measured 3x slower); the block path the registered plan runs today (`w8a8_block_fp8_matmul`: XLA's dequantized or per-k-block GEMM) and XLA bf16 on the
 codes' bf16 copy, then `torch._scaled_mm` blockwise and `torch.mm` bf16 on the very same arrays
 (DLPack; fp8 as a uint8 view), then the JAX variants again. Then the group quant (bf16 in): the
 kernel (`kernels.gpu.group_quant`), XLA's formula and a bf16 copy, in bytes/s. With `--e2e`,
@@ -20,7 +20,7 @@ scales stored k-block-major (the `(KB, M)` array, `.t()`), `sb` the `(NB, KB)` w
 passed as `.t()`.
 
   python3 benchmarks/block_kernel.py [--quick] [--ms M ...] [--kn K N ...] [--reps N] [--calls N]
-                                     [--r N] [--e2e] [--skip-checks] [--skip-quant] [--skip-cupti]
+                                     [--r N] [--e2e] [--overlapped] [--skip-checks] [--skip-quant] [--skip-cupti]
                                      [--time-budget S] [--json PATH]
 
 Timing as in `gpu_kernels.py` (`timing.compare`): R (`--r`, default 8) distinct operand sets per
@@ -136,7 +136,7 @@ def xla_bf16(a, w):
     return jax.lax.dot_general(a, w, layout.CONTRACT_K, preferred_element_type=jnp.bfloat16)
 
 
-def check_block(results):
+def check_block(results, overlapped: bool):
     """The kernel against the float64 reference, every row and column."""
     key = jax.random.key(0)
     for m, k, n, with_bias, out_dtype in CHECKS:
@@ -145,9 +145,10 @@ def check_block(results):
         bias = jax.random.normal(kbias, (n,), jnp.float32).astype(out_dtype) if with_bias else None
         ref = reference.block_scaled_mm(a, w, sa, sb, BLOCK, bias)
         # The default, then the schedules not yet a default: small-M, overlapped promotion.
-        for config in dict.fromkeys(
-            [None, small_m_config(m, k, n), tbs.overlapped_config(*padded(m, k, n), 2, platform.num_sms())]
-        ):
+        configs = [None, small_m_config(m, k, n)]
+        if overlapped:
+            configs.append(tbs.overlapped_config(*padded(m, k, n), 2, platform.num_sms()))
+        for config in dict.fromkeys(configs):
             entry = dict(kind="block_check", m=m, k=k, n=n, bias=with_bias, out_dtype=jnp.dtype(out_dtype).name)
             entry["schedule"] = "default" if config is None else _schedule(config)
             try:
@@ -220,8 +221,9 @@ def bench_block(results, ms, kns, args, save):
             if small_m is not None:
                 row["small_m_schedule"] = _schedule(small_m)
                 jax_variants["ours_small_m"] = timing.Variant(functools.partial(ours, config=small_m), sets)
-            overlapped = tbs.overlapped_config(*padded(m, k, n), 2, platform.num_sms())
-            jax_variants["ours_overlapped"] = timing.Variant(functools.partial(ours, config=overlapped), sets)
+            if args.overlapped:
+                overlapped = tbs.overlapped_config(*padded(m, k, n), 2, platform.num_sms())
+                jax_variants["ours_overlapped"] = timing.Variant(functools.partial(ours, config=overlapped), sets)
             if torch is None:
                 torch_variants, row["torch"] = {}, "not installed"
             else:
@@ -391,6 +393,7 @@ def main(argv=None):
     parser.add_argument("--r", type=int, default=R, help="distinct operand sets per call")
     parser.add_argument("--e2e", action="store_true", help="also time W8A8BlockFp8LinearOp.apply against XLA bf16")
     parser.add_argument("--e2e-ms", type=int, nargs="+", default=[1024, 4096], help="M values of the end-to-end rows")
+    parser.add_argument("--overlapped", action="store_true", help="also check and time overlapped promotion")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-quant", action="store_true")
     parser.add_argument("--quant-shapes", type=int, nargs=2, action="append", help="an (M, K) of the quant rows")
@@ -413,7 +416,7 @@ def main(argv=None):
             json.dump(results, f, indent=1)
 
     if not args.skip_checks:
-        check_block(results)
+        check_block(results, args.overlapped)
         save()
     ms = args.ms or (QUICK_MS if args.quick else M_VALUES)
     kns = [tuple(kn) for kn in args.kn] if args.kn else (QUICK_KN if args.quick else KN)

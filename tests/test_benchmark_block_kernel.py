@@ -54,7 +54,7 @@ def test_main_runs_the_check_gemm_and_e2e_rows_on_cpu(tmp_path, monkeypatch, cap
     monkeypatch.setattr(block_kernel, "CHECKS", ((5, 200, 130, True, jnp.bfloat16),))
     path = tmp_path / "block_kernel.json"
     argv = ["--skip-cupti", "--ms", "3", "--kn", "256", "384", "--r", "2", "--reps", "2", "--calls", "2"]
-    argv += ["--e2e", "--e2e-ms", "5", "--quant-shapes", "3", "256", "--json", str(path)]
+    argv += ["--e2e", "--e2e-ms", "5", "--quant-shapes", "3", "256", "--overlapped", "--json", str(path)]
     block_kernel.main(argv)
     saved = json.loads(path.read_text())
     assert saved[0]["kind"] == "run" and "--ms 3" in saved[0]["command"]

@@ -51,6 +51,10 @@ def check_identical(x, *, interpret):
         (130, 1152, jnp.bfloat16),
     ],
 )
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu",
+    reason="a CPU check: on a GPU the interpreter's division differs by an ulp (the Hopper test below is the GPU's)",
+)
 def test_interpret_identical_to_the_xla_formula(key, m, k, dtype):
     q, scale = check_identical(groups_of_every_kind(key, m, k, dtype), interpret=True)
     if k >= 384:  # an all-zero group gets the eps floor and zero codes

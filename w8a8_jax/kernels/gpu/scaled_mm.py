@@ -44,6 +44,9 @@ from w8a8_jax.kernels.gpu.tuned_block_sizes import GemmConfig
 K_MULTIPLE = 128
 N_MULTIPLE = tbs.N_MULTIPLE
 SHAPE_MULTIPLE = 16
+# TMA writes shared memory at 128-byte aligned addresses only: a pipelined slab of a stage spans a
+# multiple of this many float32 scales, else every other stage's copy faults (misaligned address).
+TMA_SMEM_FLOATS = 128 // 4
 
 
 def _interpret_params():
@@ -64,6 +67,12 @@ def _out_transforms(epi_tile_n: int, out_dtype):
     itemsize = jnp.dtype(out_dtype).itemsize
     swizzle = plgpu.find_swizzle(epi_tile_n * itemsize * 8)
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _token_slab(config: GemmConfig) -> int:
+    """Swapped block scales: the token scales a stage carries, the CTA's `cta_n` and the next ones'
+    up to TMA's alignment (`gemm` pads the array's columns for the last CTA's)."""
+    return layout.round_up(config.cta_n, TMA_SMEM_FLOATS)
 
 
 def _zeros(shape):
@@ -169,7 +178,7 @@ def _gemm_kernel(
     a_gmem,  # (Mp, K) fp8; swap_ab: the weight
     b_gmem,  # (N, K) fp8; swap_ab: the tokens
     # (Mp,) float32; block scales: the activation scales k-block-major, (K / 128, Mp / tile_m,
-    # tile_m), swap_ab (K / 128, N)
+    # tile_m), swap_ab (K / 128, N + _token_slab - cta_n)
     scale_a_gmem,
     scale_b_gmem,  # (N,) float32; block scales: the weight's, (weight rows / 128, K / 128)
     bias_gmem,  # (N,) float32 or None
@@ -222,7 +231,7 @@ def _gemm_kernel(
         # The k-block's activation scales of the CTA's rows (swapped: of its columns, the tokens)
         # travel with its operands: one contiguous slab of the k-block-major array per stage.
         if config.swap_ab:
-            in_specs.append(plgpu.BlockSpec((1, cta_n), lambda ki: (ki, 0), **release))
+            in_specs.append(plgpu.BlockSpec((1, _token_slab(config)), lambda ki: (ki, 0), **release))
         else:
             in_specs.append(plgpu.BlockSpec((1, cta_m // tile_m, tile_m), lambda ki: (ki, 0, 0), **release))
 
@@ -411,7 +420,7 @@ def _gemm_kernel(
             operands = [a_gmem.at[cta_m_slice, k_slice], b_gmem.at[cta_n_slice, k_slice]]
             kb_slice = pl.ds(split * k_iters, k_iters)
             if block_scales and config.swap_ab:
-                operands.append(scale_a_gmem.at[kb_slice, cta_n_slice])
+                operands.append(scale_a_gmem.at[kb_slice, pl.ds(n_idx * cta_n, _token_slab(config))])
             elif block_scales:
                 operands.append(scale_a_gmem.at[kb_slice, pl.ds(m_idx * (cta_m // tile_m), cta_m // tile_m), :])
             get_pipeline(mma_body, compute_context, pipeline_state)(*operands, allocations=pipeline_allocs)
@@ -454,6 +463,8 @@ def gemm(qinput, weight, scale_a, scale_b, bias, out_dtype, *, config: GemmConfi
             interpret=interpret,
         )
     a, b = (weight, qinput) if config.swap_ab else (qinput, weight)
+    if config.swap_ab and block_scales:
+        scale_a = jnp.pad(scale_a, ((0, 0), (0, _token_slab(config) - config.cta_n)), constant_values=1.0)
     kernel_scales = (scale_b, scale_a) if config.swap_ab and not block_scales else (scale_a, scale_b)
     sums = gemm_large_m(
         a, b, *kernel_scales, None, jnp.float32, config=config, block_scales=block_scales, interpret=interpret

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from jaxlib.mlir.dialects import math as mlir_math
 
 from w8a8_jax import layout, platform, validation
 from w8a8_jax.kernels.gpu import tuned_block_sizes as tbs
@@ -86,24 +85,7 @@ def _promoted_zeros(rows: int, cols: int):
     return tuple(_zeros((rows, chunk)) for _ in range(cols // chunk))
 
 
-def _multiply_add(x, y, z, interpret: bool):
-    """`x * y + z` of float32 `wgmma`-layout arrays, one rounding an element: a fused multiply-add
-    (one instruction, where a multiply then an add would be two on the promotion's critical path).
-    The interpreter runs no Mosaic GPU code: there the plain formula (two roundings)."""
-    if interpret:
-        return x * y + z
-    layout = plgpu.Layout.WGMMA
-
-    @plgpu.inline_mgpu(
-        arg_types=(layout, layout, layout), return_type=plgpu.ShapeDtypeStruct(x.shape, jnp.float32, layout)
-    )
-    def fma(_, x, y, z):
-        return x._pointwise(mlir_math.fma, y, z)
-
-    return fma(x, y, z)
-
-
-def _mma_step(carry, a, b_nk, promote: bool, scales=None, interpret: bool = False):
+def _mma_step(carry, a, b_nk, promote: bool, scales=None):
     """One k-block of `wgmma`; with `promote`, its sum is added into float32 register totals.
 
     Hopper's fp8 `wgmma` accumulates with fewer bits than float32 (measured: relative error 7e-3
@@ -115,8 +97,7 @@ def _mma_step(carry, a, b_nk, promote: bool, scales=None, interpret: bool = Fals
 
     `scales` (block scaling): per column chunk a `(vector, dim)` pair, a float32 `(rows,)` vector
     in the accumulator's row layout (dim 0) or a `(chunk,)` one in its column layout (dim 1); each
-    chunk's k-block sum is multiplied by it, broadcast along the other dimension, as it is promoted
-    (one fused multiply-add an element, `_multiply_add`).
+    chunk's k-block sum is multiplied by it, broadcast along the other dimension, as it is promoted.
     """
     if not promote:
         if scales is not None:
@@ -137,10 +118,10 @@ def _mma_step(carry, a, b_nk, promote: bool, scales=None, interpret: bool = Fals
             functools.partial(block, b_kn=b_nk.at[pl.ds(i * chunk, chunk)].transpose((1, 0))),
             plgpu.ACC(total.shape, jnp.float32),
         )
-        if scales is None:
-            return total + acc
-        vector, dim = scales[i]
-        return _multiply_add(acc, lax.broadcast_in_dim(vector, acc.shape, [dim]), total, interpret)
+        if scales is not None:
+            vector, dim = scales[i]
+            acc = acc * lax.broadcast_in_dim(vector, acc.shape, [dim])
+        return total + acc
 
     return tuple(promoted(i, total) for i, total in enumerate(carry))
 
@@ -170,10 +151,10 @@ def _overlapped_step(carry, k_step, accs, a, b_nk, scale, scale_dim: int, interp
     def issue_and_promote(acc, in_flight):
         plgpu.wgmma(acc, a, b_nk.transpose((1, 0)))
         done = plgpu.wgmma_accumulator_load(in_flight, wait_n=1)
+        if in_flight_scale is not None:
+            done = done * lax.broadcast_in_dim(in_flight_scale, done.shape, [scale_dim])
         _zero_accumulator(in_flight, interpret)
-        if in_flight_scale is None:
-            return total + done
-        return _multiply_add(done, lax.broadcast_in_dim(in_flight_scale, done.shape, [scale_dim]), total, interpret)
+        return total + done
 
     first, second = accs
     total = lax.cond(
@@ -184,13 +165,13 @@ def _overlapped_step(carry, k_step, accs, a, b_nk, scale, scale_dim: int, interp
     return total, scale
 
 
-def _finish_overlapped(carry, k_steps: int, accs, scale_dim: int, interpret: bool):
+def _finish_overlapped(carry, k_steps: int, accs, scale_dim: int):
     """The total of an overlapped k-loop's final carry: its last k-block promoted."""
     total, scale = carry
     done = plgpu.wgmma_accumulator_load(accs[(k_steps - 1) % 2], wait_n=0)
-    if scale is None:
-        return total + done
-    return _multiply_add(done, lax.broadcast_in_dim(scale, done.shape, [scale_dim]), total, interpret)
+    if scale is not None:
+        done = done * lax.broadcast_in_dim(scale, done.shape, [scale_dim])
+    return total + done
 
 
 def _gemm_kernel(
@@ -377,7 +358,7 @@ def _gemm_kernel(
                             scale = plgpu.layout_cast(jnp.zeros((length,), jnp.float32), layout)
                         accs[:] = [first, second]
                         carry = eval_pipeline((_zeros((tile_m, tile_n)), scale))
-                        epilogue((_finish_overlapped(carry, k_iters, accs, scale_dim, interpret),))
+                        epilogue((_finish_overlapped(carry, k_iters, accs, scale_dim),))
 
                 elif config.promote:
                     epilogue(eval_pipeline(_promoted_zeros(tile_m, tile_n)))
@@ -424,7 +405,7 @@ def _gemm_kernel(
                 if config.overlap_promotion:
                     scale = None if scales is None else scales[0][0]
                     return _overlapped_step(carry, indices[0], accs, a_tile, b_tile, scale, scale_dim, interpret)
-                return _mma_step(carry, a_tile, b_tile, config.promote, scales, interpret)
+                return _mma_step(carry, a_tile, b_tile, config.promote, scales)
 
             pipeline_state = None
             if config.persistent_pipeline:

@@ -3,15 +3,16 @@ check it, then time it against XLA's block path, XLA bf16 and torch's blockwise 
 
 One run, one device: the kernel against the float64 reference first (odd M, K and N off the
 blocks, bias, every out dtype, K up to 18432), then per (M, K, N) one row of `timing.compare` on
-the same operands: the kernel (`kernels.gpu.block_scaled_mm`) under its default schedule and under
-the schedules not yet a default, each checked first too: `ours_small_m` where the tiles underfill
-the SMs (the swapped decode schedule at M <= 64, K split above, `tuned_block_sizes.small_m_config`)
-and, with `--overlapped`, `ours_overlapped` (overlapped promotion, measured 3x slower); the block path the registered plan runs today (`w8a8_block_fp8_matmul`: XLA's dequantized or per-k-block GEMM) and XLA bf16 on the
-codes' bf16 copy, then `torch._scaled_mm` blockwise and `torch.mm` bf16 on the very same arrays
+the same operands: the kernel (`kernels.gpu.block_scaled_mm`) under its default schedule
+(`tuned_block_sizes.default_config`: where the tiles underfill the SMs, the swapped decode schedule
+at M <= 64, K split above) and, where that differs, `ours_large_m`, the large-M schedule
+(`launch_config`), and with `--overlapped` `ours_overlapped` (overlapped promotion, measured 3x
+slower), each checked first too; XLA's block path (`w8a8_block_fp8_matmul` without the block
+kernel: dequantized or per-k-block GEMMs) and XLA bf16 on the codes' bf16 copy, then `torch._scaled_mm` blockwise and `torch.mm` bf16 on the very same arrays
 (DLPack; fp8 as a uint8 view), then the JAX variants again. Then the group quant (bf16 in): the
 kernel (`kernels.gpu.group_quant`), XLA's formula and a bf16 copy, in bytes/s. With `--e2e`,
-`W8A8BlockFp8LinearOp.apply` (bf16 in: the group quant, then the GEMM) with the kernels in the plan
-and without them, against XLA bf16, with the kernels each program launches (from its optimized
+`W8A8BlockFp8LinearOp.apply` (bf16 in: the group quant, then the GEMM) with both kernels in the
+plan, with the GEMM kernel alone (as registered) and with neither, against XLA bf16, with the kernels each program launches (from its optimized
 HLO: whether the scales' transpose between quant and GEMM is a kernel of its own).
 
 torch's blockwise call (torch 2.11 on sm90): `torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sb,
@@ -31,6 +32,7 @@ samples, JAX before and after torch, CUPTI beside. Prints a short table last; ev
 
 import argparse
 import collections
+import dataclasses
 import functools
 import json
 import os
@@ -71,6 +73,8 @@ QUICK_MS = (1, 128, 4096)
 QUICK_KN = ((7168, 2112), (7168, 24576))
 QUANT_SHAPES = ((1024, 7168), (4096, 7168), (8192, 7168), (4096, 18432))  # (M, K)
 R = 8
+# The Hopper kernel without its block GEMM: the plan then runs XLA's block path.
+NO_BLOCK_KERNEL = dataclasses.replace(gpu.FUSED_KERNEL, block_scaled_mm=None)
 CHECKS = (  # (M, K, N, bias, out dtype)
     (1, 7168, 2112, True, jnp.bfloat16),
     (16, 1536, 640, False, jnp.float16),
@@ -112,9 +116,12 @@ def padded(m, k, n):
     return m, layout.round_up(k, BLOCK[1]), layout.round_up(n, BLOCK[0])
 
 
-def small_m_config(m, k, n):
-    """`tuned_block_sizes.small_m_config` for the block kernel's padded K and N."""
-    return tbs.small_m_config(*padded(m, k, n), 2, platform.num_sms())
+def large_m_config(m, k, n):
+    """`tuned_block_sizes.launch_config` for the block kernel's padded K and N where the default
+    schedule is another one (the tiles underfill the SMs), else None."""
+    if tbs.small_m_config(*padded(m, k, n), 2, platform.num_sms()) is None:
+        return None
+    return tbs.launch_config(*padded(m, k, n), 2, platform.num_sms())
 
 
 def _schedule(config) -> dict:
@@ -128,8 +135,9 @@ def _schedule(config) -> dict:
 
 
 def xla_block(a, w, sa, sb):
-    """The block GEMM the registered plan runs (no block kernel registered: an XLA formulation)."""
-    return w8a8_jax.w8a8_block_fp8_matmul(a, w, sa, sb, list(BLOCK), jnp.bfloat16)
+    """XLA's block GEMM: the plan's path without the block kernel (dequantized or per-k-block GEMMs)."""
+    with platform.override(fused_kernel=NO_BLOCK_KERNEL):
+        return w8a8_jax.w8a8_block_fp8_matmul(a, w, sa, sb, list(BLOCK), jnp.bfloat16)
 
 
 def xla_bf16(a, w):
@@ -144,8 +152,8 @@ def check_block(results, overlapped: bool):
         a, w, sa, sb = block_sets(key, m, k, n, 1)[0]
         bias = jax.random.normal(kbias, (n,), jnp.float32).astype(out_dtype) if with_bias else None
         ref = reference.block_scaled_mm(a, w, sa, sb, BLOCK, bias)
-        # The default, then the schedules not yet a default: small-M, overlapped promotion.
-        configs = [None, small_m_config(m, k, n)]
+        # The default, then the other schedules: large-M where the default differs, overlapped promotion.
+        configs = [None, large_m_config(m, k, n)]
         if overlapped:
             configs.append(tbs.overlapped_config(*padded(m, k, n), 2, platform.num_sms()))
         for config in dict.fromkeys(configs):
@@ -194,7 +202,8 @@ def derived(row) -> dict:
     out = timing.gemm_figures(row["times"], row["m"], row["k"], row["n"])
     wall = timing.wall_times(row["times"])
     pairs = (("ours_block", "torch_block"), ("ours_block", "xla_block"), ("op_kernel", "xla_bf16"))
-    pairs += (("ours_small_m", "torch_block"), ("ours_small_m", "ours_block"))
+    pairs += (("op_registered", "xla_bf16"),)
+    pairs += (("ours_large_m", "torch_block"), ("ours_block", "ours_large_m"))
     pairs += (("ours_overlapped", "torch_block"), ("ours_overlapped", "ours_block"))
     pairs += (("op_xla", "xla_bf16"), ("xla_bf16", "torch_bf16"))
     out["ratios"] = {f"{a}/{b}": wall[b] / wall[a] for a, b in pairs if a in wall and b in wall}
@@ -217,10 +226,10 @@ def bench_block(results, ms, kns, args, save):
                 "xla_block": timing.Variant(xla_block, sets),
                 "xla_bf16": timing.Variant(xla_bf16, bf16_sets),
             }
-            small_m = small_m_config(m, k, n)
-            if small_m is not None:
-                row["small_m_schedule"] = _schedule(small_m)
-                jax_variants["ours_small_m"] = timing.Variant(functools.partial(ours, config=small_m), sets)
+            row["schedule"] = _schedule(tbs.default_config(*padded(m, k, n), 2, platform.num_sms()))
+            large_m = large_m_config(m, k, n)
+            if large_m is not None:
+                jax_variants["ours_large_m"] = timing.Variant(functools.partial(ours, config=large_m), sets)
             if args.overlapped:
                 overlapped = tbs.overlapped_config(*padded(m, k, n), 2, platform.num_sms())
                 jax_variants["ours_overlapped"] = timing.Variant(functools.partial(ours, config=overlapped), sets)
@@ -238,10 +247,12 @@ def bench_block(results, ms, kns, args, save):
 
 
 def bench_e2e(results, ms, kns, args, save):
-    """`W8A8BlockFp8LinearOp.apply` (bf16 in, bf16 out) with the block kernel in the plan
-    (`op_kernel`) and as registered today (`op_xla`), against XLA bf16 on the weights' bf16 copy."""
+    """`W8A8BlockFp8LinearOp.apply` (bf16 in, bf16 out) on three registrations: the block GEMM and
+    the group quant kernels (`op_kernel`), the GEMM kernel alone as registered (`op_registered`), no
+    block kernel (`op_xla`: XLA's block GEMM), against XLA bf16 on the weights' bf16 copy."""
     key = jax.random.key(5)
     op = w8a8_jax.W8A8BlockFp8LinearOp()
+    registrations = {"op_kernel": gpu.BLOCK_FUSED_KERNEL, "op_registered": gpu.FUSED_KERNEL, "op_xla": NO_BLOCK_KERNEL}
     for k, n in kns:
         kw = jax.random.fold_in(key, k * n)
         weights = [(w, sb) for _, w, _, sb in block_sets(kw, 1, k, n, args.r)]
@@ -253,34 +264,35 @@ def bench_e2e(results, ms, kns, args, save):
             def apply(x, w, sb):
                 return op.apply(x, w, sb, out_dtype=jnp.bfloat16)
 
-            with platform.override(fused_kernel=gpu.BLOCK_FUSED_KERNEL):
-                plan = op.plan(*inputs[0])
-                kernel_times = timing.compare(
-                    {"op_kernel": timing.Variant(apply, inputs)},
+            row = dict(kind="block_e2e", m=m, k=k, n=n, r=args.r, times={}, plans={}, launches={})
+            for name, kernel in registrations.items():
+                with platform.override(fused_kernel=kernel):
+                    plan = op.plan(*inputs[0])
+                    row["plans"][name] = [plan.quantizer, plan.gemm]
+                    row["times"].update(
+                        timing.compare(
+                            {name: timing.Variant(apply, inputs)},
+                            {},
+                            calls=args.calls,
+                            repeats=args.reps,
+                            cupti=not args.skip_cupti,
+                        )
+                    )
+                    # A fresh function: jit's trace cache does not see the override.
+                    hlo = jax.jit(lambda *xs: apply(*xs)).lower(*inputs[0]).compile().as_text()
+                    row["launches"][name] = entry_kernels(hlo)
+            row["times"].update(
+                timing.compare(
+                    {"xla_bf16": timing.Variant(xla_bf16, bf16_sets)},
                     {},
                     calls=args.calls,
                     repeats=args.reps,
                     cupti=not args.skip_cupti,
                 )
-            times = timing.compare(
-                {"op_xla": timing.Variant(apply, inputs), "xla_bf16": timing.Variant(xla_bf16, bf16_sets)},
-                {},
-                calls=args.calls,
-                repeats=args.reps,
-                cupti=not args.skip_cupti,
             )
-            row = dict(kind="block_e2e", m=m, k=k, n=n, r=args.r, times={**kernel_times, **times})
-            row["plan"] = [plan.quantizer, plan.gemm]
-
-            def launches():  # a fresh function each time: jit's trace cache does not see the override
-                return entry_kernels(jax.jit(lambda *xs: apply(*xs)).lower(*inputs[0]).compile().as_text())
-
-            with platform.override(fused_kernel=gpu.BLOCK_FUSED_KERNEL):
-                row["launches"] = dict(op_kernel=launches())
-            row["launches"]["op_xla"] = launches()
             row["derived"] = derived(row)
             results.append(row)
-            print(json.dumps(dict(m=m, k=k, n=n, plan=row["plan"], **row["derived"])), flush=True)
+            print(json.dumps(dict(m=m, k=k, n=n, plans=row["plans"], **row["derived"])), flush=True)
             save()
 
 
@@ -343,9 +355,9 @@ def entry_kernels(hlo_text: str) -> dict:
 
 def print_table(results):
     print("\nblock GEMM, bf16 out, wall clock: TFLOP/s (M <= 64: weight TB/s); ratio = their time / ours")
-    print("(ours_small_m: the swapped decode schedule at M <= 64, K split above, where the model splits;")
+    print("(ours_block: the default schedule; ours_large_m: the large-M one, where the default is another;")
     print(" ours_overlapped: overlapped promotion, on the small-M schedule or the 128x128 CTA; vs torch: our best)")
-    cols = ["ours_block", "ours_small_m", "ours_overlapped", "xla_block", "xla_bf16", "torch_block", "torch_bf16"]
+    cols = ["ours_block", "ours_large_m", "ours_overlapped", "xla_block", "xla_bf16", "torch_block", "torch_bf16"]
     print(f"{'M':>5} {'K':>6} {'N':>6} | " + " ".join(f"{c[:12]:>12}" for c in cols) + " | vs torch  vs xla  drift")
     for r in results:
         if r["kind"] != "block":
@@ -355,7 +367,7 @@ def print_table(results):
         cells = " ".join(f"{figures[c]:12.1f}" if c in figures else f"{'-':>12}" for c in cols)
         ours_vs_torch = [
             d["ratios"][f"{o}/torch_block"]
-            for o in ("ours_block", "ours_small_m", "ours_overlapped")
+            for o in ("ours_block", "ours_large_m", "ours_overlapped")
             if f"{o}/torch_block" in d["ratios"]
         ]
         vs_torch = max(ours_vs_torch, default=float("nan"))  # the faster of our schedules
@@ -368,10 +380,11 @@ def print_table(results):
         for r in e2e:
             t, ratios = r["derived"]["tflops"], r["derived"]["ratios"]
             cells = " ".join(f"{name} {v:7.1f}" for name, v in t.items())
-            print(
-                f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells} | kernel/bf16 "
-                f"{ratios.get('op_kernel/xla_bf16', float('nan')):.2f} xla/bf16 {ratios.get('op_xla/xla_bf16', float('nan')):.2f}"
+            over = " ".join(
+                f"{name[3:]}/bf16 {ratios.get(f'{name}/xla_bf16', float('nan')):.2f}"
+                for name in ("op_kernel", "op_registered", "op_xla")
             )
+            print(f"{r['m']:>5} {r['k']:>6} {r['n']:>6} | {cells} | {over}")
     quant = [r for r in results if r["kind"] == "group_quant"]
     if quant:
         print("\ngroup quant, bf16 in, TB/s, wall clock")

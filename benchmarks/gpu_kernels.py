@@ -1,10 +1,11 @@
 """Hopper kernels: check, then time the fused fp8 GEMM and the per-token quant against XLA and torch.
 
 One run, one device: correctness against the float64 reference first, then per (M, K, N) one row
-of `timing.compare` on the same operands: our kernel (rowwise scales; per-tensor at M >= 1024;
-`ours_small_m`, where the tiles underfill the SMs: the swapped decode schedule at M <= 64, K split
-above, `tuned_block_sizes.small_m_config`; `ours_overlapped`, with overlapped promotion: each
-checked first too),
+of `timing.compare` on the same operands: our kernel (rowwise scales, its default schedule
+`tuned_block_sizes.default_config`: where the tiles underfill the SMs the swapped decode schedule
+at M <= 64, K split above; per-tensor at M >= 1024; `ours_large_m`, the large-M schedule
+`launch_config`, where the default is another; with `--overlapped`, `ours_overlapped`, overlapped
+promotion: each checked first too),
 XLA's rowwise and per-tensor fp8 GEMMs and XLA bf16, then `torch._scaled_mm` rowwise and per-tensor
 and `torch.mm` bf16 on the very same arrays (DLPack; fp8 as a uint8 view), then the JAX variants
 again. Beside them, the GEMM `Fp8LinearOp`'s plan picks for that shape, so the plan's ratio to torch
@@ -12,7 +13,7 @@ is read off the row. Then per-token quant (ours, XLA, a plain copy) in bytes/s, 
 `Fp8LinearOp.apply` end to end against XLA bf16.
 
   python3 benchmarks/gpu_kernels.py [--quick] [--explore | --configs NAME ...] [--ms M ...] [--kn K N ...]
-                                    [--reps N] [--calls N] [--r N] [--e2e] [--time-budget S] [--json PATH]
+                                    [--reps N] [--calls N] [--r N] [--e2e] [--overlapped] [--time-budget S] [--json PATH]
 
 Timing (`timing.py`): R (`--r`, default 8) distinct operand sets per jitted program, so no two
 timed GEMMs share an activation or a weight (XLA would merge dots that share one, and a weight would
@@ -68,7 +69,14 @@ def _fp8(key, shape):
     return jax.random.uniform(key, shape, jnp.float32, -1.5, 1.5).astype(jnp.float8_e4m3fn)
 
 
-def check_gemm(results):
+def large_m_config(m, k, n):
+    """`tuned_block_sizes.launch_config` where the default schedule is another one, else None."""
+    if tbs.small_m_config(m, k, n, 2, platform.num_sms()) is None:
+        return None
+    return tbs.launch_config(m, k, n, 2, platform.num_sms())
+
+
+def check_gemm(results, overlapped: bool):
     """Kernel vs float64 reference on shapes covering both schedules, odd M, bias, out dtypes."""
     key = jax.random.key(0)
     cases = [
@@ -92,12 +100,11 @@ def check_gemm(results):
             sa, sb = jnp.array([0.05], jnp.float32), jnp.array([0.02], jnp.float32)
         bias = jax.random.normal(kbias, (n,), jnp.float32).astype(out_dtype) if with_bias else None
         ref = reference.scaled_mm(a, b, sa, sb, bias)
-        small_m = tbs.small_m_config(m, k, n, 2, platform.num_sms())
-        schedules = dict(
-            default=None, small_m=small_m, overlapped=tbs.overlapped_config(m, k, n, 2, platform.num_sms())
-        )
-        for name, config in schedules.items():  # the default, then the schedules not yet a default
-            if name == "small_m" and config is None:
+        schedules = dict(default=None, large_m=large_m_config(m, k, n))
+        if overlapped:
+            schedules["overlapped"] = tbs.overlapped_config(m, k, n, 2, platform.num_sms())
+        for name, config in schedules.items():  # the default, then the other schedules
+            if name == "large_m" and config is None:
                 continue
             try:
                 out = jax.jit(gpu_mm.scaled_mm, static_argnums=5, static_argnames="config")(
@@ -258,11 +265,13 @@ def bench_gemm(results, m_values, kn_values, args, configs, save):
                 jax_variants["ours_tensor"] = timing.Variant(
                     lambda a, w, sa, sw: gpu_mm.scaled_mm(a, w, unit, unit, None, jnp.bfloat16), sets
                 )
-            small_m = tbs.small_m_config(m, k, n, 2, platform.num_sms())
-            if small_m is not None:  # the swapped decode schedule at M <= 64, K split above
-                jax_variants["ours_small_m"] = ours(small_m)
-                row["small_m_schedule"] = dict(k_splits=small_m.k_splits, swap_ab=small_m.swap_ab)
-            jax_variants["ours_overlapped"] = ours(tbs.overlapped_config(m, k, n, 2, platform.num_sms()))
+            default = tbs.default_config(m, k, n, 2, platform.num_sms())
+            row["schedule"] = dict(k_splits=default.k_splits, swap_ab=default.swap_ab)
+            large_m = large_m_config(m, k, n)
+            if large_m is not None:
+                jax_variants["ours_large_m"] = ours(large_m)
+            if args.overlapped:
+                jax_variants["ours_overlapped"] = ours(tbs.overlapped_config(m, k, n, 2, platform.num_sms()))
             for name, config in configs.items():
                 jax_variants[name] = ours(config)
             if args.only:
@@ -328,9 +337,8 @@ def derived(row) -> dict:
         ("plan_rowwise", "torch_rowwise"),
         ("plan_tensor", "torch_tensor"),
         ("xla_bf16", "torch_bf16"),
-        ("ours_small_m", "torch_rowwise"),
-        ("ours_small_m", "torch_tensor"),
-        ("ours_small_m", "ours_rowwise"),
+        ("ours_large_m", "torch_rowwise"),
+        ("ours_rowwise", "ours_large_m"),
         ("ours_overlapped", "torch_rowwise"),
         ("ours_overlapped", "ours_rowwise"),
     ):
@@ -435,11 +443,11 @@ def print_table(results):
     """The short table: wall-clock figures (TFLOP/s, or weight TB/s at M <= 64) and the ratios."""
     print("\nGEMM, bf16 out, wall clock: TFLOP/s (M <= 64: weight TB/s); ratio = torch time / ours")
     print(
-        f"{'M':>5} {'K':>6} {'N':>6} | {'ours_row':>8} {'ours_t':>7} {'small_m':>7} {'overlap':>7} {'xla_row':>7} "
+        f"{'M':>5} {'K':>6} {'N':>6} | {'ours_row':>8} {'ours_t':>7} {'large_m':>7} {'overlap':>7} {'xla_row':>7} "
         f"{'xla_t':>7} {'bf16':>7} {'tch_row':>7} {'tch_t':>7} {'tch_bf':>7} | {'plan':>6} {'pl/row':>6} "
-        f"{'pl/t':>6} {'sm/row':>6} {'ov/row':>6} {'drift':>6}"
+        f"{'pl/t':>6} {'row/lg':>6} {'ov/row':>6} {'drift':>6}"
     )
-    cols = ["ours_rowwise", "ours_tensor", "ours_small_m", "ours_overlapped", "xla_rowwise", "xla_tensor", "xla_bf16"]
+    cols = ["ours_rowwise", "ours_tensor", "ours_large_m", "ours_overlapped", "xla_rowwise", "xla_tensor", "xla_bf16"]
     cols += ["torch_rowwise", "torch_tensor", "torch_bf16"]
     for r in results:
         if r["kind"] != "gemm":
@@ -455,7 +463,7 @@ def print_table(results):
             ratios.get("plan_rowwise/torch_rowwise", float("nan")),
             ratios.get("plan_tensor/torch_tensor", float("nan")),
         )
-        small = ratios.get("ours_small_m/torch_rowwise", float("nan"))
+        small = ratios.get("ours_rowwise/ours_large_m", float("nan"))
         overlap = ratios.get("ours_overlapped/torch_rowwise", float("nan"))
         drift = d["max_drift"] if d["max_drift"] is not None else float("nan")
         print(
@@ -504,6 +512,7 @@ def main(argv=None):
     parser.add_argument("--ms", type=int, nargs="+", help="M values (default: the full list)")
     parser.add_argument("--kn", type=int, nargs=2, action="append", help="a (K, N) pair; repeatable")
     parser.add_argument("--quant-shapes", type=int, nargs=2, action="append", help="an (M, K) of the quant rows")
+    parser.add_argument("--overlapped", action="store_true", help="also check and time overlapped promotion")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-gemm", action="store_true")
     parser.add_argument("--e2e", action="store_true", help="also time Fp8LinearOp.apply against XLA bf16")
@@ -528,7 +537,7 @@ def main(argv=None):
             json.dump(results, f, indent=1)
 
     if not args.skip_checks:
-        check_gemm(results)
+        check_gemm(results, args.overlapped)
         if not args.skip_quant and gpu_quant is not None:
             check_quant(results)
         if configs:

@@ -51,27 +51,34 @@ def test_main_runs_the_check_gemm_and_e2e_rows_on_cpu(tmp_path, monkeypatch, cap
     monkeypatch.setattr(block_kernel.group_quant, "per_token_group_quant", quant)
     kernel = dataclasses.replace(gpu.BLOCK_FUSED_KERNEL, block_scaled_mm=interpret, per_token_group_quant=quant)
     monkeypatch.setattr(block_kernel.gpu, "BLOCK_FUSED_KERNEL", kernel)
+    registered = dataclasses.replace(gpu.FUSED_KERNEL, block_scaled_mm=interpret)
+    monkeypatch.setattr(block_kernel.gpu, "FUSED_KERNEL", registered)
     monkeypatch.setattr(block_kernel, "CHECKS", ((5, 200, 130, True, jnp.bfloat16),))
     path = tmp_path / "block_kernel.json"
     argv = ["--skip-cupti", "--ms", "3", "--kn", "256", "384", "--r", "2", "--reps", "2", "--calls", "2"]
-    argv += ["--e2e", "--e2e-ms", "5", "--quant-shapes", "3", "256", "--overlapped", "--json", str(path)]
+    argv += ["--e2e", "--e2e-ms", "20", "--quant-shapes", "3", "256", "--overlapped", "--json", str(path)]
     block_kernel.main(argv)
     saved = json.loads(path.read_text())
     assert saved[0]["kind"] == "run" and "--ms 3" in saved[0]["command"]
     checks = [r for r in saved if r["kind"] == "block_check"]
     schedules = [c["schedule"] for c in checks]
-    assert schedules[0] == "default"  # then M = 5's swapped decode schedule, without and with overlap
-    assert [(s["swap_ab"], s["overlap_promotion"]) for s in schedules[1:]] == [(True, False), (True, True)]
+    assert schedules[0] == "default"  # the swapped decode schedule at M = 5; then the large-M one, and overlapped
+    assert [(s["swap_ab"], s["overlap_promotion"]) for s in schedules[1:]] == [(False, False), (True, True)]
     assert all(c["ok"] and c["err"] <= c["tol"] for c in checks)
     (row,) = [r for r in saved if r["kind"] == "block"]
     assert (row["m"], row["k"], row["n"], row["torch"]) == (3, 256, 384, "not installed")
-    assert set(row["times"]) == {"ours_block", "ours_small_m", "ours_overlapped", "xla_block", "xla_bf16"}
-    assert row["small_m_schedule"]["swap_ab"]
+    assert set(row["times"]) == {"ours_block", "ours_large_m", "ours_overlapped", "xla_block", "xla_bf16"}
+    assert row["schedule"]["swap_ab"]
     assert all(t["wall_s"] > 0 and t["cupti_s"] is None for t in row["times"].values())
     (e2e,) = [r for r in saved if r["kind"] == "block_e2e"]
-    assert set(e2e["times"]) == {"op_kernel", "op_xla", "xla_bf16"}
-    assert e2e["plan"] == ["kernel.per_token_group_quant", "kernel.block_scaled_mm"]
-    assert e2e["launches"]["op_kernel"] != e2e["launches"]["op_xla"]  # the override reached the compiled program
+    assert set(e2e["times"]) == {"op_kernel", "op_registered", "op_xla", "xla_bf16"}
+    assert e2e["plans"] == {
+        "op_kernel": ["kernel.per_token_group_quant", "kernel.block_scaled_mm"],
+        "op_registered": ["quantize_per_token_group", "kernel.block_scaled_mm"],
+        "op_xla": ["quantize_per_token_group", "xla_block_dequant_w8a8_scaled_mm"],
+    }
+    launches = e2e["launches"]  # the overrides reached the compiled programs
+    assert launches["op_kernel"] != launches["op_registered"] != launches["op_xla"]
     (quant,) = [r for r in saved if r["kind"] == "group_quant"]
     assert quant["identical"] is True and set(quant["TBps"]) == {"ours", "xla", "copy"}
     assert "checks: 3/3 passed" in capsys.readouterr().out

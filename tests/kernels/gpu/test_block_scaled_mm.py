@@ -159,8 +159,8 @@ def test_supports():
 def test_block_op_plans_and_runs_the_kernels(key):
     """With the block kernels in the Hopper fused kernel, W8A8BlockFp8LinearOp plans the group quant
     kernel and the block GEMM for float input, the GEMM alone for fp8 input, and matches the
-    float64 sum; a block the GEMM cannot tile plans XLA's GEMM. Not yet registered: the platform's
-    kernel has neither."""
+    float64 sum; a block the GEMM cannot tile plans XLA's GEMM. Registered: the block GEMM, not
+    yet the group quant."""
     calls = []
 
     def block_kernel(*args):
@@ -174,7 +174,7 @@ def test_block_op_plans_and_runs_the_kernels(key):
     kernel = dataclasses.replace(
         gpu.BLOCK_FUSED_KERNEL, block_scaled_mm=block_kernel, per_token_group_quant=quant_kernel
     )
-    m, k, n = 9, 640, 384
+    m, k, n = 20, 640, 384  # past BLOCK_XLA_MAX_M: the kernel's M
     ks = jax.random.split(key, 2)
     x = activations(ks[0], m, k, jnp.bfloat16)
     _, weight, _, weight_scale = block_operands(ks[1], 1, k, n)
@@ -200,7 +200,22 @@ def test_block_op_plans_and_runs_the_kernels(key):
         assert relative_error(out, ref) <= reference.gemm_tolerance(k, jnp.float32)
     ref_narrow = reference.block_scaled_mm(x_codes, weight, x_scales, narrow_scale, (64, 128))
     assert relative_error(out_narrow, ref_narrow) <= reference.gemm_tolerance(k, jnp.float32)
-    assert gpu.FUSED_KERNEL.block_scaled_mm is None and gpu.FUSED_KERNEL.per_token_group_quant is None
+    assert gpu.FUSED_KERNEL.block_scaled_mm is gpu_block.block_scaled_mm
+    assert gpu.FUSED_KERNEL.per_token_group_quant is None
+
+
+@pytest.mark.parametrize("m, kernel", [(1, False), (16, False), (17, True), (4096, True)])
+def test_registered_plan_routes_by_m(m, kernel):
+    """The registered Hopper kernel's block GEMM runs from M = 17 (XLA's per-k-block GEMMs up to
+    16 rows, `tuned_block_sizes.BLOCK_XLA_MAX_M`), and the XLA formula quantizes the groups."""
+    x = jnp.ones((m, 7168), jnp.bfloat16)
+    weight = jnp.ones((2112, 7168), jnp.float8_e4m3fn)
+    weight_scale = jnp.ones((17, 56), jnp.float32)
+    with platform.override(fused_kernel=gpu.FUSED_KERNEL):
+        plan = w8a8_jax.W8A8BlockFp8LinearOp().plan(x, weight, weight_scale)
+    xla = (dispatch.XLA_BLOCK_GEMM, dispatch.XLA_BLOCK_DEQUANT_GEMM)
+    assert plan.gemm == dispatch.KERNEL_BLOCK_SCALED_MM if kernel else plan.gemm in xla, plan
+    assert plan.quantizer == dispatch.QUANTIZE_PER_TOKEN_GROUP
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,12 @@
 and per-token-group quantization.
 
 Importing this package registers them as the "gpu" fused kernel (`platform.register_fused_kernel`)
-with what they take and the measured rule of where the GEMM beats XLA; `dispatch.plan` decides from that.
-They run on devices of compute capability 9.x.
+with what they take and the measured rules of where each GEMM beats XLA's; `dispatch.plan` decides
+from that. They run on devices of compute capability 9.x.
 
-The block-scaled GEMM (`block_scaled_mm`) and the group quant (`group_quant`) are not registered
-yet: they are checked in interpret mode and lowered for CUDA on CPU, not yet run and timed on a
-Hopper GPU (docs/gpu.md). `BLOCK_FUSED_KERNEL` is the registered kernel with both, for tests and
-benchmarks (`platform.override(fused_kernel=BLOCK_FUSED_KERNEL)`).
+The group quant (`group_quant`) is checked bit for bit on the H200 but not yet timed against
+XLA's formula, so it is not registered: `BLOCK_FUSED_KERNEL` is the registered kernel with it too,
+for tests and benchmarks (`platform.override(fused_kernel=BLOCK_FUSED_KERNEL)`).
 """
 
 import dataclasses
@@ -27,6 +26,11 @@ def supports_device(device: jax.Device) -> bool:
     return device.platform == "gpu" and capability.startswith("9")
 
 
+def _block_kernel_runs(m: int, k: int, n: int, block_size, fp8_dtype) -> bool:
+    """Where the plan runs the block GEMM kernel: the blocks it takes, at M where it beats XLA's."""
+    return block_scaled_mm.supports(m, k, n, block_size, fp8_dtype) and tuned_block_sizes.block_kernel_is_faster(m)
+
+
 FUSED_KERNEL = platform.FusedKernel(
     scaled_mm=_scaled_mm.scaled_mm,
     supports_device=supports_device,
@@ -35,12 +39,12 @@ FUSED_KERNEL = platform.FusedKernel(
     fp8_dtypes=(np.dtype(dtypes.FP8_E4M3FN),),
     per_token_quant=quant.per_token_quant,
     per_token_quant_supports=quant.supports,
+    block_scaled_mm=block_scaled_mm.block_scaled_mm,
+    block_scaled_mm_supports=_block_kernel_runs,
 )
 
 BLOCK_FUSED_KERNEL = dataclasses.replace(
     FUSED_KERNEL,
-    block_scaled_mm=block_scaled_mm.block_scaled_mm,
-    block_scaled_mm_supports=block_scaled_mm.supports,
     per_token_group_quant=group_quant.per_token_group_quant,
     per_token_group_quant_supports=group_quant.supports,
 )

@@ -10,14 +10,15 @@ shared-memory ring (128-byte swizzle); by default CTAs pair into clusters of 2 a
 each B tile by TMA multicast (halving its L2 reads), and one pipeline runs across all of a CTA's
 tiles; the epilogue stages the `(M,)` and `(N,)` scale vectors and the bias in shared memory,
 applies them to the accumulator in registers, casts, and stores through shared memory with TMA.
-Decode-sized M (<= 64) pads to one CTA row; the plan sends those shapes to XLA, which measured
-faster there (benchmarks/NOTES.md).
+The plan sends rowwise GEMMs of decode-sized M (<= 64) to XLA, which measured faster there
+(benchmarks/NOTES.md).
 
 The same schedule runs the block-scaled GEMM (`block_scaled_mm.py`): each k-step's activation
 scales then travel through the pipeline with the operands, and the promotion of each 128-column
 chunk multiplies it by its rows' scales times its weight block's scale; the epilogue adds the bias.
 
-Three variations of the schedule (`GemmConfig`), built and checked but not yet a default:
+Three variations of the schedule (`GemmConfig`); the first two are the default where the tiles
+underfill the SMs (`tuned_block_sizes.default_config`), the third measured slower and is no default:
 - split K (`k_splits`): a work unit is a CTA tile over one slice of K; the kernel writes each
   unit's float32 sum and one XLA fusion adds the slices, scales, adds the bias and casts (`gemm`);
 - swapped operands (`swap_ab`, decode): the kernel computes `out.T`, the weight's rows on `wgmma`'s
@@ -569,7 +570,7 @@ def scaled_mm(
         return out[:, :n]
 
     if config is None:
-        config = tbs.launch_config(m, k, n, out_dtype.itemsize, platform.num_sms())
+        config = tbs.default_config(m, k, n, out_dtype.itemsize, platform.num_sms())
     else:
         config = tbs.fit_stages(config, out_dtype.itemsize, k)
         config = tbs.fit_grid(config, layout.round_up(m, config.m_multiple), n, platform.num_sms())

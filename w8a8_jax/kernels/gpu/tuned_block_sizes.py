@@ -10,13 +10,14 @@ M of one CTA row, and shapes whose wide tiles would leave more of the last wave 
 (`wave_efficiency`). `kernel_is_faster` is the measured rule the dispatch plan reads: where, by its
 grid's fill of the SMs, the kernel beats XLA.
 
-Three schedules built and checked but not yet timed on a GPU, so no default picks them (the
-benchmarks name them): for the shapes whose output tiles underfill the SMs, `split_config` splits K
-(`GemmConfig.k_splits`) where the model (`predicted_seconds`) says that pays, and `decode_config`,
-for decode-sized M, swaps the operands (`GemmConfig.swap_ab`) so the weight's rows fill `wgmma`'s
-64-row side and the few tokens its narrow side, and splits K too (`small_m_config` picks between
-them); and `overlapped_config`, which promotes each k-block under the next one's `wgmma`
-(`GemmConfig.overlap_promotion`).
+For the shapes whose output tiles underfill the SMs, `split_config` splits K (`GemmConfig.k_splits`)
+where the model (`predicted_seconds`) says that pays by SPLIT_GAIN, and `decode_config`, for
+decode-sized M, swaps the operands (`GemmConfig.swap_ab`) so the weight's rows fill `wgmma`'s 64-row
+side and the few tokens its narrow side, and splits K too (`small_m_config` picks between them);
+`default_config`, what both kernels launch, takes them where they apply (measured faster on the
+H200). `overlapped_config`, which promotes each k-block under the next one's `wgmma`
+(`GemmConfig.overlap_promotion`), measured 3x slower and is no default. `block_kernel_is_faster` is
+the block kernel's rule against XLA's block GEMM.
 """
 
 import dataclasses
@@ -224,6 +225,10 @@ COPY_BYTES_PER_S = 3.2e12
 # K slices of a split: at most MAX_K_SPLITS, each at least MIN_SPLIT_K_BLOCKS k-blocks long.
 MAX_K_SPLITS = 8
 MIN_SPLIT_K_BLOCKS = 4
+# A split is taken only where the model predicts it at most this share of the whole-K time: on the
+# H200 (benchmarks/NOTES.md, "H200 v3") a predicted 5% gain measured a 7% loss (128 x 7168 x 24576,
+# block scales), while the splits predicted 35-70% faster measured 1.3-1.6x.
+SPLIT_GAIN = 0.9
 
 
 def predicted_seconds(config: GemmConfig, m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> float:
@@ -240,7 +245,8 @@ def predicted_seconds(config: GemmConfig, m: int, k: int, n: int, out_itemsize: 
 def with_k_splits(config: GemmConfig, m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
     """`config` with K split into the number of slices (1 to MAX_K_SPLITS, dividing the k-blocks into
     slices of at least MIN_SPLIT_K_BLOCKS) that `predicted_seconds` finds fastest, the fewest of
-    equals. Split, the float32 sums take twice a bf16 tile's shared memory: the epilogue tile halves."""
+    equals, where that beats the whole K by SPLIT_GAIN. Split, the float32 sums take twice a bf16
+    tile's shared memory: the epilogue tile halves."""
     k_blocks = k // config.tile_k
     candidates = []
     for s in range(1, MAX_K_SPLITS + 1):
@@ -250,7 +256,9 @@ def with_k_splits(config: GemmConfig, m: int, k: int, n: int, out_itemsize: int,
         if s > 1 and not config.raw_out:
             candidate = dataclasses.replace(candidate, epi_tile_n=max(16, config.epi_tile_n // 2))
         candidates.append(candidate)
-    return min(candidates, key=lambda c: (predicted_seconds(c, m, k, n, out_itemsize, num_sms), c.k_splits))
+    seconds = {c.k_splits: predicted_seconds(c, m, k, n, out_itemsize, num_sms) for c in candidates}
+    best = min(candidates, key=lambda c: (seconds[c.k_splits], c.k_splits))
+    return best if seconds[best.k_splits] <= SPLIT_GAIN * seconds[1] else candidates[0]
 
 
 def split_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
@@ -278,12 +286,20 @@ def decode_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> Ge
 
 
 def small_m_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig | None:
-    """The schedule for tiles that underfill the SMs, not yet a default (module docstring): the
-    swapped decode schedule at M <= 64, else split K; None where the model keeps K whole."""
+    """The schedule for tiles that underfill the SMs: the swapped decode schedule at M <= 64, else
+    split K; None where the model keeps K whole."""
     if m <= DECODE_TOKENS[-1]:
         return decode_config(m, k, n, out_itemsize, num_sms)
     config = split_config(m, k, n, out_itemsize, num_sms)
     return config if config.k_splits > 1 else None
+
+
+def default_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
+    """The schedule both kernels launch for `(m, k) @ (n, k).T` when none is forced: `small_m_config`'s
+    where it has one, else `launch_config`'s. Measured on the H200 (benchmarks/NOTES.md, "H200 v3"),
+    the swapped decode schedule read the weight 1.1-2.3x as fast as the 128-row CTA at M = 1-64, and
+    the splits the model takes ran 1.1-1.6x the whole-K kernel at M = 128-1024."""
+    return small_m_config(m, k, n, out_itemsize, num_sms) or launch_config(m, k, n, out_itemsize, num_sms)
 
 
 def overlapped_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
@@ -309,6 +325,19 @@ def overlapped_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -
 DECODE_M = 64
 MIN_WAVES = 0.9
 MIN_WAVE_EFFICIENCY = 0.8
+
+
+# Where the block kernel beats XLA's block GEMM (the H200, bf16 out, DeepSeek-V3's shapes;
+# benchmarks/NOTES.md, "H200 v3"): at M = 1 XLA's per-k-block GEMMs read the weight as fast or
+# faster (3.1 against 3.1 TB/s at 7168 x 24576, 2.9 against 2.7 at 18432 x 7168, 0.8 against 0.4 at
+# 7168 x 2112); at M = 64 the swapped decode schedule leads 1.0-3.7x, from M = 128 on the kernel
+# 3.5-6.7x. M = 2 .. 63 is not yet measured: XLA keeps the M of one decode step's batch up to 16.
+BLOCK_XLA_MAX_M = 16
+
+
+def block_kernel_is_faster(m: int) -> bool:
+    """Whether the rule above sends a block-scaled GEMM of M rows (as the plan buckets them) to the kernel."""
+    return m > BLOCK_XLA_MAX_M
 
 
 def kernel_is_faster(m: int, k: int, n: int, num_sms: int) -> bool:

@@ -6,8 +6,9 @@ blocks, bias, every out dtype, K up to 18432), then per (M, K, N) one row of `ti
 the same operands: the kernel (`kernels.gpu.block_scaled_mm`) under its default schedule
 (`tuned_block_sizes.default_config`: where the tiles underfill the SMs, the swapped decode schedule
 at M <= 64, K split above) and, where that differs, `ours_large_m`, the large-M schedule
-(`launch_config`), and with `--overlapped` `ours_overlapped` (overlapped promotion, measured 3x
-slower), each checked first too; XLA's block path (`w8a8_block_fp8_matmul` without the block
+(`launch_config`), `ours_pipelined_scales` (the default with the weight-block scales through the
+pipeline, `GemmConfig.pipelined_weight_scales`), and with `--overlapped` `ours_overlapped`
+(overlapped promotion, measured 3x slower), each checked first too; XLA's block path (`w8a8_block_fp8_matmul` without the block
 kernel: dequantized or per-k-block GEMMs) and XLA bf16 on the codes' bf16 copy, then `torch._scaled_mm` blockwise and `torch.mm` bf16 on the very same arrays
 (DLPack; fp8 as a uint8 view), then the JAX variants again. Then the group quant (bf16 in): the
 kernel (`kernels.gpu.group_quant`), XLA's formula and a bf16 copy, in bytes/s. With `--e2e`,
@@ -129,6 +130,7 @@ def _schedule(config) -> dict:
         k_splits=config.k_splits,
         swap_ab=config.swap_ab,
         overlap_promotion=config.overlap_promotion,
+        pipelined_weight_scales=config.pipelined_weight_scales,
         cta=[config.cta_m, config.cta_n],
         stages=config.stages,
     )
@@ -144,6 +146,12 @@ def xla_bf16(a, w):
     return jax.lax.dot_general(a, w, layout.CONTRACT_K, preferred_element_type=jnp.bfloat16)
 
 
+def pipelined_config(m, k, n):
+    """The default schedule with the weight-block scales through the pipeline."""
+    config = tbs.default_config(*padded(m, k, n), 2, platform.num_sms())
+    return dataclasses.replace(config, pipelined_weight_scales=True)
+
+
 def check_block(results, overlapped: bool):
     """The kernel against the float64 reference, every row and column."""
     key = jax.random.key(0)
@@ -152,8 +160,9 @@ def check_block(results, overlapped: bool):
         a, w, sa, sb = block_sets(key, m, k, n, 1)[0]
         bias = jax.random.normal(kbias, (n,), jnp.float32).astype(out_dtype) if with_bias else None
         ref = reference.block_scaled_mm(a, w, sa, sb, BLOCK, bias)
-        # The default, then the other schedules: large-M where the default differs, overlapped promotion.
-        configs = [None, large_m_config(m, k, n)]
+        # The default, then the other schedules: large-M where the default differs, the weight
+        # scales pipelined, overlapped promotion.
+        configs = [None, large_m_config(m, k, n), pipelined_config(m, k, n)]
         if overlapped:
             configs.append(tbs.overlapped_config(*padded(m, k, n), 2, platform.num_sms()))
         for config in dict.fromkeys(configs):
@@ -204,6 +213,7 @@ def derived(row) -> dict:
     pairs = (("ours_block", "torch_block"), ("ours_block", "xla_block"), ("op_kernel", "xla_bf16"))
     pairs += (("op_registered", "xla_bf16"),)
     pairs += (("ours_large_m", "torch_block"), ("ours_block", "ours_large_m"))
+    pairs += (("ours_pipelined_scales", "torch_block"), ("ours_pipelined_scales", "ours_block"))
     pairs += (("ours_overlapped", "torch_block"), ("ours_overlapped", "ours_block"))
     pairs += (("op_xla", "xla_bf16"), ("xla_bf16", "torch_bf16"))
     out["ratios"] = {f"{a}/{b}": wall[b] / wall[a] for a, b in pairs if a in wall and b in wall}
@@ -230,6 +240,8 @@ def bench_block(results, ms, kns, args, save):
             large_m = large_m_config(m, k, n)
             if large_m is not None:
                 jax_variants["ours_large_m"] = timing.Variant(functools.partial(ours, config=large_m), sets)
+            pipelined = pipelined_config(m, k, n)
+            jax_variants["ours_pipelined_scales"] = timing.Variant(functools.partial(ours, config=pipelined), sets)
             if args.overlapped:
                 overlapped = tbs.overlapped_config(*padded(m, k, n), 2, platform.num_sms())
                 jax_variants["ours_overlapped"] = timing.Variant(functools.partial(ours, config=overlapped), sets)
@@ -356,8 +368,18 @@ def entry_kernels(hlo_text: str) -> dict:
 def print_table(results):
     print("\nblock GEMM, bf16 out, wall clock: TFLOP/s (M <= 64: weight TB/s); ratio = their time / ours")
     print("(ours_block: the default schedule; ours_large_m: the large-M one, where the default is another;")
+    print(" ours_pipelin: the default with the weight-block scales through the pipeline;")
     print(" ours_overlapped: overlapped promotion, on the small-M schedule or the 128x128 CTA; vs torch: our best)")
-    cols = ["ours_block", "ours_large_m", "ours_overlapped", "xla_block", "xla_bf16", "torch_block", "torch_bf16"]
+    cols = [
+        "ours_block",
+        "ours_large_m",
+        "ours_pipelined_scales",
+        "ours_overlapped",
+        "xla_block",
+        "xla_bf16",
+        "torch_block",
+        "torch_bf16",
+    ]
     print(f"{'M':>5} {'K':>6} {'N':>6} | " + " ".join(f"{c[:12]:>12}" for c in cols) + " | vs torch  vs xla  drift")
     for r in results:
         if r["kind"] != "block":
@@ -367,7 +389,7 @@ def print_table(results):
         cells = " ".join(f"{figures[c]:12.1f}" if c in figures else f"{'-':>12}" for c in cols)
         ours_vs_torch = [
             d["ratios"][f"{o}/torch_block"]
-            for o in ("ours_block", "ours_large_m", "ours_overlapped")
+            for o in ("ours_block", "ours_large_m", "ours_pipelined_scales", "ours_overlapped")
             if f"{o}/torch_block" in d["ratios"]
         ]
         vs_torch = max(ours_vs_torch, default=float("nan"))  # the faster of our schedules

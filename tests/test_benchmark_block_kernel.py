@@ -62,12 +62,16 @@ def test_main_runs_the_check_gemm_and_e2e_rows_on_cpu(tmp_path, monkeypatch, cap
     assert saved[0]["kind"] == "run" and "--ms 3" in saved[0]["command"]
     checks = [r for r in saved if r["kind"] == "block_check"]
     schedules = [c["schedule"] for c in checks]
-    assert schedules[0] == "default"  # the swapped decode schedule at M = 5; then the large-M one, and overlapped
-    assert [(s["swap_ab"], s["overlap_promotion"]) for s in schedules[1:]] == [(False, False), (True, True)]
+    # The default (the swapped decode schedule at M = 5), the large-M one, the weight scales
+    # pipelined, overlapped promotion.
+    assert schedules[0] == "default"
+    kinds = [(s["swap_ab"], s["pipelined_weight_scales"], s["overlap_promotion"]) for s in schedules[1:]]
+    assert kinds == [(False, False, False), (True, True, False), (True, False, True)]
     assert all(c["ok"] and c["err"] <= c["tol"] for c in checks)
     (row,) = [r for r in saved if r["kind"] == "block"]
     assert (row["m"], row["k"], row["n"], row["torch"]) == (3, 256, 384, "not installed")
-    assert set(row["times"]) == {"ours_block", "ours_large_m", "ours_overlapped", "xla_block", "xla_bf16"}
+    variants = {"ours_block", "ours_large_m", "ours_pipelined_scales", "ours_overlapped", "xla_block", "xla_bf16"}
+    assert set(row["times"]) == variants
     assert row["schedule"]["swap_ab"]
     assert all(t["wall_s"] > 0 and t["cupti_s"] is None for t in row["times"].values())
     (e2e,) = [r for r in saved if r["kind"] == "block_e2e"]
@@ -81,7 +85,7 @@ def test_main_runs_the_check_gemm_and_e2e_rows_on_cpu(tmp_path, monkeypatch, cap
     assert launches["op_kernel"] != launches["op_registered"] != launches["op_xla"]
     (quant,) = [r for r in saved if r["kind"] == "group_quant"]
     assert quant["identical"] is True and set(quant["TBps"]) == {"ours", "xla", "copy"}
-    assert "checks: 3/3 passed" in capsys.readouterr().out
+    assert "checks: 4/4 passed" in capsys.readouterr().out
 
 
 def test_entry_kernels_counts_what_the_program_launches():

@@ -90,6 +90,9 @@ def test_interpret(key, m, k, n, with_bias, out_dtype):
         tbs.GemmConfig(wg_split="n"),  # warpgroups side by side along N: each its own weight block
         tbs.GemmConfig(wg_split="n", tile_n=256),  # 4 weight blocks a CTA
         tbs.GemmConfig(tile_n=256, cluster=None, stages=2),
+        # The weight-block scales through the pipeline: two blocks a CTA, then four.
+        dataclasses.replace(tbs.DEFAULT_GEMM, pipelined_weight_scales=True),
+        tbs.GemmConfig(wg_split="n", tile_n=256, pipelined_weight_scales=True),
     ],
     ids=str,
 )
@@ -223,8 +226,10 @@ def test_registered_plan_routes_by_m(m, kernel):
     [
         (4096, 7168, 2112, None),  # N padded to 2176: the narrow CTA
         (1024, 7168, 24576, None),  # the wide CTA, clusters along M
-        (64, 1536, 24576, None),  # one CTA row: clusters along N
+        (64, 1536, 24576, None),  # the swapped decode schedule
         (512, 1024, 512, tbs.GemmConfig(wg_split="n")),
+        (1024, 7168, 24576, dataclasses.replace(tbs.DEFAULT_GEMM, pipelined_weight_scales=True)),
+        (16, 7168, 2112, dataclasses.replace(tbs.DECODE_GEMM, tile_n=16, pipelined_weight_scales=True)),
     ],
     ids=str,
 )

@@ -71,10 +71,12 @@ def test_block_interpret(key, config, m, with_bias, out_dtype):
     check_block(key, m, k, n, with_bias, out_dtype, config=config)
 
 
-def test_block_interpret_off_the_blocks(key):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["weight_scales_from_gmem", "pipelined_weight_scales"])
+def test_block_interpret_off_the_blocks(key, pipelined):
     # K and N off the 128 blocks (zero-padded to them), the swapped schedule's weight rows in
     # 5 blocks: a token scale or a weight-block scale from the wrong place shows.
-    check_block(key, 9, 600, 520, True, jnp.float32, config=dataclasses.replace(SWAPPED, k_splits=5))
+    config = dataclasses.replace(SWAPPED, k_splits=5, pipelined_weight_scales=pipelined)
+    check_block(key, 9, 600, 520, True, jnp.float32, config=config)
 
 
 @pytest.mark.parametrize("config", [SPLIT, SWAPPED_SPLIT], ids=["split", "swapped_split"])

@@ -76,6 +76,16 @@ def _token_slab(config: GemmConfig) -> int:
     return layout.round_up(config.cta_n, TMA_SMEM_FLOATS)
 
 
+def _pipelined_weight_scales(scale_b: jax.Array, config: GemmConfig) -> jax.Array:
+    """`(NB, KB)` weight-block scales as the pipeline reads them (`pipelined_weight_scales`):
+    k-block-major, `(KB, width)`, with ones past the NB blocks so that the last CTA's 128-byte slab
+    stays in bounds, `width` a multiple of 4 (TMA's 16-byte rows)."""
+    blocks = scale_b.shape[0]
+    cta_blocks = (config.cta_m if config.swap_ab else config.cta_n) // tbs.PROMOTE_N
+    width = layout.round_up(blocks - cta_blocks + TMA_SMEM_FLOATS, 4)
+    return jnp.pad(scale_b.T, ((0, 0), (0, width - blocks)), constant_values=1.0)
+
+
 def _zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -181,7 +191,9 @@ def _gemm_kernel(
     # (Mp,) float32; block scales: the activation scales k-block-major, (K / 128, Mp / tile_m,
     # tile_m), swap_ab (K / 128, N + _token_slab - cta_n)
     scale_a_gmem,
-    scale_b_gmem,  # (N,) float32; block scales: the weight's, (weight rows / 128, K / 128)
+    # (N,) float32; block scales: the weight's, (weight rows / 128, K / 128), or with
+    # pipelined_weight_scales transposed, (K / 128, weight rows / 128 + padding: `gemm`)
+    scale_b_gmem,
     bias_gmem,  # (N,) float32 or None
     out_gmem,  # (Mp, N) out_dtype; raw_out: (k_splits * Mp, N) float32, a sum per K slice
     *,
@@ -209,6 +221,7 @@ def _gemm_kernel(
     chunk = min(tile_n, tbs.PROMOTE_N)
     chunks = tile_n // chunk
     scale_dim = 1 if config.swap_ab else 0
+    weight_slab = block_scales and config.pipelined_weight_scales
 
     # Overlapped promotion: a stage is read by its step's `wgmma` until the next step has waited.
     release = dict(delay_release=1) if config.overlap_promotion else {}
@@ -235,6 +248,10 @@ def _gemm_kernel(
             in_specs.append(plgpu.BlockSpec((1, _token_slab(config)), lambda ki: (ki, 0), **release))
         else:
             in_specs.append(plgpu.BlockSpec((1, cta_m // tile_m, tile_m), lambda ki: (ki, 0, 0), **release))
+        if config.pipelined_weight_scales:
+            # The k-block's weight-block scales of the CTA's blocks (and the next ones', up to TMA's
+            # 128-byte slab), from the transposed `(K / 128, weight blocks)` array.
+            in_specs.append(plgpu.BlockSpec((1, TMA_SMEM_FLOATS), lambda ki: (ki, 0), **release))
 
     def get_pipeline(body, compute_context, pipeline_state=None):
         return plgpu.emit_pipeline_warp_specialized(
@@ -255,7 +272,7 @@ def _gemm_kernel(
     @functools.partial(
         pl.run_scoped,
         pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(
-            a_gmem, b_gmem, *([scale_a_gmem] if block_scales else [])
+            a_gmem, b_gmem, *([scale_a_gmem] if block_scales else []), *([scale_b_gmem] if weight_slab else [])
         ),
         out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=_out_transforms(epi_n, out_dtype)),
         scale_a_smem=None if block_scales or raw else plgpu.SMEM((2, tile_m), jnp.float32),
@@ -280,6 +297,8 @@ def _gemm_kernel(
             elif config.cluster == "n":
                 n_idx = 2 * n_idx + lax.axis_index("cluster")
             cta_m_slice = pl.ds(m_idx * cta_m, cta_m)
+            # The first weight block of the CTA's weight rows (its A rows when swapped).
+            cta_first_block = (m_idx * cta_m if config.swap_ab else n_idx * cta_n) // tbs.PROMOTE_N
             cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
             out_m_slice = pl.ds(split * m + m_idx * cta_m, cta_m)  # the slice's rows of the sums
             if config.wg_split == "m":
@@ -370,14 +389,22 @@ def _gemm_kernel(
                         epilogue((eval_pipeline(acc_ref)[...],))
 
             def mma_body(indices, a_smem, b_smem, *stages_and_carry):
-                *scale_stage, carry = stages_and_carry  # block scales: this k-step's scale_a slab
+                # Block scales: this k-step's scale_a slab, and with pipelined_weight_scales its
+                # weight-block scales from the CTA's first block on.
+                *scale_stage, carry = stages_and_carry
                 scales = None
                 if block_scales:
                     kb = indices[0] + split * k_iters  # this k-block of all of K
+
+                    def weight_block_scale(block):  # of the weight's rows block * 128 on
+                        if weight_slab:
+                            return plgpu.load(scale_stage[1].at[0, block - cta_first_block])
+                        return plgpu.load(scale_b_gmem.at[block, kb])
+
                     if config.swap_ab:
                         # The warpgroup's 64 weight rows lie in one weight block: its scale (a
-                        # scalar from global memory) times each chunk's token scales of this k-block.
-                        block_scale = plgpu.load(scale_b_gmem.at[wg_m0 // tbs.PROMOTE_N, kb])
+                        # scalar, cached) times each chunk's token scales of this k-block.
+                        block_scale = weight_block_scale(wg_m0 // tbs.PROMOTE_N)
                         wg_col0 = 0 if config.wg_split == "m" else wg * tile_n
                         scales = tuple(
                             (
@@ -392,16 +419,13 @@ def _gemm_kernel(
                         )
                     else:
                         # The warpgroup's row scales for this k-block times each 128-column chunk's
-                        # weight-block scale (a scalar from global memory, cached: cta_n / 128 of
-                        # them a CTA a k-block).
+                        # weight-block scale (a scalar, cached: cta_n / 128 of them a CTA a k-block).
                         row_scale = plgpu.load(
                             scale_stage[0].at[0, wg if config.wg_split == "m" else 0],
                             layout=plgpu.Layout.WGMMA.reduce(1),
                         )
                         first_block = wg_n0 // tbs.PROMOTE_N
-                        scales = tuple(
-                            (row_scale * plgpu.load(scale_b_gmem.at[first_block + c, kb]), 0) for c in range(chunks)
-                        )
+                        scales = tuple((row_scale * weight_block_scale(first_block + c), 0) for c in range(chunks))
                 a_tile, b_tile = a_smem.at[wg_m_slice], b_smem.at[wg_n_slice]
                 if config.overlap_promotion:
                     scale = None if scales is None else scales[0][0]
@@ -424,6 +448,8 @@ def _gemm_kernel(
                 operands.append(scale_a_gmem.at[kb_slice, pl.ds(n_idx * cta_n, _token_slab(config))])
             elif block_scales:
                 operands.append(scale_a_gmem.at[kb_slice, pl.ds(m_idx * (cta_m // tile_m), cta_m // tile_m), :])
+            if weight_slab:
+                operands.append(scale_b_gmem.at[kb_slice, pl.ds(cta_first_block, TMA_SMEM_FLOATS)])
             get_pipeline(mma_body, compute_context, pipeline_state)(*operands, allocations=pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -451,6 +477,8 @@ def gemm(qinput, weight, scale_a, scale_b, bias, out_dtype, *, config: GemmConfi
     With `config.raw_out` (split K, swapped operands) the kernel writes float32 sums and one XLA
     fusion adds the K slices, transposes, scales, adds the bias and casts.
     """
+    if block_scales and config.pipelined_weight_scales:
+        scale_b = _pipelined_weight_scales(scale_b, config)
     if not config.raw_out:
         return gemm_large_m(
             qinput,

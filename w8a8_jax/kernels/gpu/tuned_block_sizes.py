@@ -68,6 +68,9 @@ class GemmConfig:
       swap_ab: the kernel computes `out.T = weight @ qinput.T`: the weight is the `wgmma` A
         operand (its rows on the 64-row M side) and the tokens, padded to tile_n, the narrow N
         side, so decode-sized M wastes no tensor-core rows; XLA transposes the float32 result.
+      pipelined_weight_scales: block scales only: each k-block's weight-block scales travel through
+        the pipeline too (a 128-byte slab a stage) and are read from shared memory, where
+        otherwise each k-step reads its scalars from global memory. Not yet timed.
     """
 
     tile_m: int = 64
@@ -85,6 +88,7 @@ class GemmConfig:
     k_splits: int = 1
     overlap_promotion: bool = False
     swap_ab: bool = False
+    pipelined_weight_scales: bool = False
 
     def __post_init__(self):
         if self.overlap_promotion and (not self.promote or self.tile_n > PROMOTE_N):
@@ -132,9 +136,11 @@ def _smem_bytes(config: GemmConfig, out_itemsize: int, stages: int) -> int:
     ring = stages * (config.cta_m + config.cta_n) * config.tile_k
     epilogue = 2 * 2 * config.epi_tile_m * config.epi_tile_n * (4 if config.raw_out else out_itemsize)
     # float32 vectors: rowwise, the scale and bias vectors of both warpgroups; with block scales,
-    # each stage's activation scales and the bias. The larger, so one fit serves both kernels.
+    # each stage's activation scales (and the weight's 32-float slab) and the bias. The larger, so
+    # one fit serves both kernels.
     rowwise_vectors = 2 * (config.tile_m + 2 * config.tile_n) * 4
-    block_vectors = (stages * config.cta_m + 2 * config.tile_n) * 4
+    weight_slab = 32 if config.pipelined_weight_scales else 0
+    block_vectors = (stages * (config.cta_m + weight_slab) + 2 * config.tile_n) * 4
     return ring + epilogue + max(rowwise_vectors, block_vectors) + SMEM_SLACK
 
 
@@ -330,7 +336,7 @@ MIN_WAVE_EFFICIENCY = 0.8
 # Where the block kernel beats XLA's block GEMM (the H200, bf16 out, DeepSeek-V3's shapes;
 # benchmarks/NOTES.md, "H200 v3"): at M = 1 XLA's per-k-block GEMMs read the weight as fast or
 # faster (3.1 against 3.1 TB/s at 7168 x 24576, 2.9 against 2.7 at 18432 x 7168, 0.8 against 0.4 at
-# 7168 x 2112); at M = 64 the swapped decode schedule leads 1.0-3.7x, from M = 128 on the kernel
+# 7168 x 2112); at M = 64 the swapped decode schedule ties or leads (0.95-3.7x), from M = 128 on the kernel
 # 3.5-6.7x. M = 2 .. 63 is not yet measured: XLA keeps the M of one decode step's batch up to 16.
 BLOCK_XLA_MAX_M = 16
 

@@ -127,6 +127,9 @@ def test_rejects_splits_that_do_not_divide_k(key):
         )
     with pytest.raises(ValueError, match="M <= 64"):
         tbs.decode_config(65, 4096, 4096, 2, 132)
+    with pytest.raises(ValueError, match="block scales only"):
+        config = dataclasses.replace(SWAPPED, pipelined_weight_scales=True)
+        gpu_mm.scaled_mm(qinput, weight, scale_a[:, :1], scale_b[:1, :1], None, jnp.float32, config=config)
 
 
 # --- the model that picks the split ----------------------------------------------------------------

@@ -396,7 +396,7 @@ def _gemm_kernel(
                 if block_scales:
                     kb = indices[0] + split * k_iters  # this k-block of all of K
 
-                    def weight_block_scale(block):  # of the weight's rows block * 128 on
+                    def weight_block_scale(block):  # this k-block's scale of weight block `block`
                         if weight_slab:
                             return plgpu.load(scale_stage[1].at[0, block - cta_first_block])
                         return plgpu.load(scale_b_gmem.at[block, kb])
@@ -599,6 +599,8 @@ def scaled_mm(
 
     if config is None:
         config = tbs.default_config(m, k, n, out_dtype.itemsize, platform.num_sms())
+    elif config.pipelined_weight_scales:
+        raise ValueError(f"pipelined_weight_scales applies to block scales only (block_scaled_mm), got {config}")
     else:
         config = tbs.fit_stages(config, out_dtype.itemsize, k)
         config = tbs.fit_grid(config, layout.round_up(m, config.m_multiple), n, platform.num_sms())

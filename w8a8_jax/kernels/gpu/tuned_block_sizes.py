@@ -309,8 +309,8 @@ def default_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> G
 
 
 def overlapped_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
-    """A schedule with overlapped promotion, not yet a default: `small_m_config`'s where there is
-    one, else the narrow 128x128 CTA (one promoted chunk a warpgroup)."""
+    """A schedule with overlapped promotion (measured slower, no default): `small_m_config`'s where
+    there is one, else the narrow 128x128 CTA (one promoted chunk a warpgroup)."""
     config = small_m_config(m, k, n, out_itemsize, num_sms) or _tile_config(m, n, num_sms)
     if config.tile_n > PROMOTE_N:  # the wide CTA's two chunks: its 128x128 counterpart
         config = dataclasses.replace(config, tile_n=PROMOTE_N, epi_tile_n=NARROW_GEMM.epi_tile_n)

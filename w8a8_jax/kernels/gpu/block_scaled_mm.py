@@ -21,10 +21,11 @@ global memory at each k-step, one per 128-column chunk (`cta_n / 128` a CTA), ca
 K and N that are not multiples of 128 are zero-padded up to them (partial last blocks: zero codes
 add nothing), a copy of both operands each call; M is padded to the cluster's rows.
 
-The split-K and swapped decode schedules of `tuned_block_sizes` run here too (`config=`): each K
-slice's sums carry their block scales already, so XLA only adds the slices and the bias. Swapped,
-a warpgroup's 64 rows are the weight's, within one weight block: its scale is one scalar a k-block,
-and the token scales come through the pipeline as the tile's column vector.
+The split-K and swapped decode schedules of `tuned_block_sizes` run here too (the default where
+the tiles underfill the SMs, `default_config`; or `config=`): each K slice's sums carry their block
+scales already, so XLA only adds the slices and the bias. Swapped, a warpgroup's 64 rows are the
+weight's, within one weight block: its scale is one scalar a k-block, and the token scales come
+through the pipeline as the tile's column vector.
 """
 
 import functools

@@ -49,14 +49,12 @@ def test_main_runs_the_check_gemm_and_e2e_rows_on_cpu(tmp_path, monkeypatch, cap
     monkeypatch.setattr(block_kernel.gpu_block, "block_scaled_mm", interpret)
     quant = functools.partial(group_quant.per_token_group_quant, interpret=True)
     monkeypatch.setattr(block_kernel.group_quant, "per_token_group_quant", quant)
-    kernel = dataclasses.replace(gpu.BLOCK_FUSED_KERNEL, block_scaled_mm=interpret, per_token_group_quant=quant)
-    monkeypatch.setattr(block_kernel.gpu, "BLOCK_FUSED_KERNEL", kernel)
-    registered = dataclasses.replace(gpu.FUSED_KERNEL, block_scaled_mm=interpret)
-    monkeypatch.setattr(block_kernel.gpu, "FUSED_KERNEL", registered)
+    kernel = dataclasses.replace(gpu.FUSED_KERNEL, block_scaled_mm=interpret, per_token_group_quant=quant)
+    monkeypatch.setattr(block_kernel.gpu, "FUSED_KERNEL", kernel)
     monkeypatch.setattr(block_kernel, "CHECKS", ((5, 200, 130, True, jnp.bfloat16),))
     path = tmp_path / "block_kernel.json"
     argv = ["--skip-cupti", "--ms", "3", "--kn", "256", "384", "--r", "2", "--reps", "2", "--calls", "2"]
-    argv += ["--e2e", "--e2e-ms", "20", "--quant-shapes", "3", "256", "--overlapped", "--json", str(path)]
+    argv += ["--e2e", "--e2e-ms", "80", "--quant-shapes", "3", "256", "--overlapped", "--json", str(path)]
     block_kernel.main(argv)
     saved = json.loads(path.read_text())
     assert saved[0]["kind"] == "run" and "--ms 3" in saved[0]["command"]
@@ -75,14 +73,14 @@ def test_main_runs_the_check_gemm_and_e2e_rows_on_cpu(tmp_path, monkeypatch, cap
     assert row["schedule"]["swap_ab"]
     assert all(t["wall_s"] > 0 and t["cupti_s"] is None for t in row["times"].values())
     (e2e,) = [r for r in saved if r["kind"] == "block_e2e"]
-    assert set(e2e["times"]) == {"op_kernel", "op_registered", "op_xla", "xla_bf16"}
+    assert set(e2e["times"]) == {"op_kernel", "op_xla_quant", "op_xla", "xla_bf16"}
     assert e2e["plans"] == {
         "op_kernel": ["kernel.per_token_group_quant", "kernel.block_scaled_mm"],
-        "op_registered": ["quantize_per_token_group", "kernel.block_scaled_mm"],
+        "op_xla_quant": ["quantize_per_token_group", "kernel.block_scaled_mm"],
         "op_xla": ["quantize_per_token_group", "xla_block_dequant_w8a8_scaled_mm"],
     }
     launches = e2e["launches"]  # the overrides reached the compiled programs
-    assert launches["op_kernel"] != launches["op_registered"] != launches["op_xla"]
+    assert launches["op_kernel"] != launches["op_xla_quant"] != launches["op_xla"]
     (quant,) = [r for r in saved if r["kind"] == "group_quant"]
     assert quant["identical"] is True and set(quant["TBps"]) == {"ours", "xla", "copy"}
     assert "checks: 4/4 passed" in capsys.readouterr().out

@@ -410,7 +410,7 @@ def test_plan_picks_a_registered_group_quant_kernel_where_it_takes_k(key):
         scaled_mm=lambda *args: None,
         supports_device=lambda device: True,
         per_token_group_quant=group_quant,
-        per_token_group_quant_supports=lambda k, group_size, x_dtype, fp8_dtype: k % 256 == 0,
+        per_token_group_quant_supports=lambda m, k, group_size, x_dtype, fp8_dtype: k % 256 == 0,
     )
     xla_gemm = dispatch.XLA_BLOCK_DEQUANT_GEMM if jax.default_backend() == "cpu" else dispatch.XLA_BLOCK_GEMM
     weight, weight_scale = quantized_layer(key, 256, 512)

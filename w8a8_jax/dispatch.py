@@ -194,7 +194,7 @@ def _block_plan(block_size, m, k, n, input_dtype, weight_dtype, out_dtype, kerne
     elif (
         kernel is not None
         and kernel.per_token_group_quant is not None
-        and kernel.per_token_group_quant_supports(k, block_size[1], input_dtype, weight_dtype)
+        and kernel.per_token_group_quant_supports(m, k, block_size[1], input_dtype, weight_dtype)
     ):
         quantizer, quant_why = KERNEL_PER_TOKEN_GROUP_QUANT, f"per token in groups of {block_size[1]}: the fused kernel"
     else:

@@ -56,8 +56,8 @@ class FusedKernel:
       per_token_group_quant: optional fused dynamic per-token-group quantizer, codes and scales
         identical to `quantize_per_token_group`'s: `(x (M, K), group_size, fp8_dtype) -> (q (M, K),
         scale (M, ceil(K / group_size)))`.
-      per_token_group_quant_supports: `(k, group_size, input_dtype, fp8_dtype) -> bool`, the inputs
-        it takes.
+      per_token_group_quant_supports: `(m, k, group_size, input_dtype, fp8_dtype) -> bool`, the
+        inputs it takes (and, where measured, the M where it beats XLA's formula).
     """
 
     scaled_mm: ScaledMM

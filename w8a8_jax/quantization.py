@@ -28,13 +28,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from w8a8_jax import dispatch, dtypes, layout, platform, validation
 from w8a8_jax import scheme as scheme_lib
 from w8a8_jax.platform import FusedKernel
 
 
-def true_divide(numerator, denominator) -> jax.Array:
+def true_divide(numerator, denominator, *, in_kernel: bool = False) -> jax.Array:
     """`numerator / denominator` correctly rounded to float32, as IEEE division gives it.
 
     XLA does not give it directly: it rewrites `a / broadcast(b)` into `a * broadcast(1 / b)`, and
@@ -42,8 +43,13 @@ def true_divide(numerator, denominator) -> jax.Array:
     changes the last bit of many quotients and so, near fp8 rounding ties, the codes. So the
     division runs in float64 (IEEE on every XLA backend) and rounds once to float32, which is
     exact for division since 53 >= 2 * 24 + 2 (Figueroa). Adding `0 * numerator` to the divisor
-    keeps the broadcast rewrite away (float `0 * a` is not folded). TPUs have no native float64:
-    there the division stays float32.
+    keeps the broadcast rewrite away (float `0 * a` is not folded). The divisor is rounded to
+    float32 again in float64 (`reduce_precision`) because XLA drops a float64 -> float32 -> float64
+    round trip (excess precision): on the H200 a group scale, itself a `true_divide`, reached the
+    division unrounded, and 46 of 7.3 million codes moved by one step at rounding ties. (The
+    divisors here are scales and fp8 bounds, normal floats: `reduce_precision` flushes subnormals.)
+    `in_kernel`: inside a Pallas kernel, which XLA does not rewrite (and Mosaic GPU has no
+    `reduce_precision`). TPUs have no native float64: there the division stays float32.
     """
     numerator = jnp.asarray(numerator, jnp.float32)
     denominator = jnp.asarray(denominator, jnp.float32)
@@ -53,7 +59,10 @@ def true_divide(numerator, denominator) -> jax.Array:
     if jax.default_backend() == "tpu":
         return numerator / (denominator + zero)
     with jax.enable_x64(True):
-        quotient = numerator.astype(jnp.float64) / (denominator.astype(jnp.float64) + zero.astype(jnp.float64))
+        divisor = denominator.astype(jnp.float64)
+        if not in_kernel:
+            divisor = lax.reduce_precision(divisor, exponent_bits=8, mantissa_bits=23)
+        quotient = numerator.astype(jnp.float64) / (divisor + zero.astype(jnp.float64))
         return quotient.astype(jnp.float32)
 
 

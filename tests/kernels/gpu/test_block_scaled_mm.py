@@ -174,10 +174,8 @@ def test_block_op_plans_and_runs_the_kernels(key):
         calls.append("quant")
         return group_quant.per_token_group_quant(*args, interpret=True)
 
-    kernel = dataclasses.replace(
-        gpu.BLOCK_FUSED_KERNEL, block_scaled_mm=block_kernel, per_token_group_quant=quant_kernel
-    )
-    m, k, n = 20, 640, 384  # past BLOCK_XLA_MAX_M: the kernel's M
+    kernel = dataclasses.replace(gpu.FUSED_KERNEL, block_scaled_mm=block_kernel, per_token_group_quant=quant_kernel)
+    m, k, n = 80, 640, 384  # past BLOCK_XLA_MAX_M and GROUP_QUANT_XLA_MAX_M: the kernels' M
     ks = jax.random.split(key, 2)
     x = activations(ks[0], m, k, jnp.bfloat16)
     _, weight, _, weight_scale = block_operands(ks[1], 1, k, n)
@@ -204,21 +202,34 @@ def test_block_op_plans_and_runs_the_kernels(key):
     ref_narrow = reference.block_scaled_mm(x_codes, weight, x_scales, narrow_scale, (64, 128))
     assert relative_error(out_narrow, ref_narrow) <= reference.gemm_tolerance(k, jnp.float32)
     assert gpu.FUSED_KERNEL.block_scaled_mm is gpu_block.block_scaled_mm
-    assert gpu.FUSED_KERNEL.per_token_group_quant is None
+    assert gpu.FUSED_KERNEL.per_token_group_quant is group_quant.per_token_group_quant
 
 
-@pytest.mark.parametrize("m, kernel", [(1, False), (16, False), (17, True), (4096, True)])
-def test_registered_plan_routes_by_m(m, kernel):
-    """The registered Hopper kernel's block GEMM runs from M = 17 (XLA's per-k-block GEMMs up to
-    16 rows, `tuned_block_sizes.BLOCK_XLA_MAX_M`), and the XLA formula quantizes the groups."""
+@pytest.mark.parametrize(
+    "m, traced, kernel, quant_kernel",
+    [(1, True, False, False), (2, True, True, False), (1, False, True, False), (64, True, True, False)]
+    + [(65, True, True, True), (4096, False, True, True)],
+    ids=["traced_1", "traced_2", "eager_1_padded_to_8", "traced_64", "traced_65", "eager_4096"],
+)
+def test_registered_plan_routes_by_m(m, traced, kernel, quant_kernel):
+    """The registered Hopper kernel's block GEMM runs from M = 2 (XLA's per-k-block GEMMs at one
+    row, `tuned_block_sizes.BLOCK_XLA_MAX_M`), so also for one eagerly called row, which runs as the
+    8 of its bucket (`bucket_rows`); its group quant above decode's 64 rows (XLA's formula below)."""
     x = jnp.ones((m, 7168), jnp.bfloat16)
     weight = jnp.ones((2112, 7168), jnp.float8_e4m3fn)
     weight_scale = jnp.ones((17, 56), jnp.float32)
+    op = w8a8_jax.W8A8BlockFp8LinearOp()
+    plans = []
     with platform.override(fused_kernel=gpu.FUSED_KERNEL):
-        plan = w8a8_jax.W8A8BlockFp8LinearOp().plan(x, weight, weight_scale)
+        if traced:
+            jax.eval_shape(lambda x: plans.append(op.plan(x, weight, weight_scale)) or x, x)
+        else:
+            plans.append(op.plan(x, weight, weight_scale))
+    (plan,) = plans
     xla = (dispatch.XLA_BLOCK_GEMM, dispatch.XLA_BLOCK_DEQUANT_GEMM)
     assert plan.gemm == dispatch.KERNEL_BLOCK_SCALED_MM if kernel else plan.gemm in xla, plan
-    assert plan.quantizer == dispatch.QUANTIZE_PER_TOKEN_GROUP
+    quantizer = dispatch.KERNEL_PER_TOKEN_GROUP_QUANT if quant_kernel else dispatch.QUANTIZE_PER_TOKEN_GROUP
+    assert plan.quantizer == quantizer, plan
 
 
 @pytest.mark.parametrize(
@@ -265,6 +276,20 @@ def test_lowers(m, k, n, config):
 )
 def test_hopper(key, m, k, n, with_bias, out_dtype):
     check(key, m, k, n, with_bias, out_dtype, interpret=False)
+
+
+@pytest.mark.skipif(not on_hopper, reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize(
+    "m, k, n, config",
+    [
+        (1024, 7168, 24576, dataclasses.replace(tbs.DEFAULT_GEMM, pipelined_weight_scales=True)),
+        (300, 4100, 2000, dataclasses.replace(tbs.NARROW_GEMM, pipelined_weight_scales=True)),
+        (16, 7168, 2112, dataclasses.replace(tbs.DECODE_GEMM, tile_n=16, pipelined_weight_scales=True)),
+    ],
+    ids=["wide", "narrow_partial_blocks", "swapped"],
+)
+def test_hopper_pipelined_weight_scales(key, m, k, n, config):
+    check(key, m, k, n, True, jnp.bfloat16, interpret=False, config=config)
 
 
 @pytest.mark.skipif(not on_hopper, reason="needs a Hopper GPU (compute capability 9.x)")

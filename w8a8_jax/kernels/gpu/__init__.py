@@ -2,15 +2,9 @@
 and per-token-group quantization.
 
 Importing this package registers them as the "gpu" fused kernel (`platform.register_fused_kernel`)
-with what they take and the measured rules of where each GEMM beats XLA's; `dispatch.plan` decides
-from that. They run on devices of compute capability 9.x.
-
-The group quant (`group_quant`) is checked bit for bit on the H200 but not yet timed against
-XLA's formula, so it is not registered: `BLOCK_FUSED_KERNEL` is the registered kernel with it too,
-for tests and benchmarks (`platform.override(fused_kernel=BLOCK_FUSED_KERNEL)`).
+with what they take and the measured rules of where each beats XLA (`tuned_block_sizes`);
+`dispatch.plan` decides from that. They run on devices of compute capability 9.x.
 """
-
-import dataclasses
 
 import jax
 import numpy as np
@@ -31,6 +25,11 @@ def _block_kernel_runs(m: int, k: int, n: int, block_size, fp8_dtype) -> bool:
     return block_scaled_mm.supports(m, k, n, block_size, fp8_dtype) and tuned_block_sizes.block_kernel_is_faster(m)
 
 
+def _group_quant_runs(m: int, k: int, group_size: int, x_dtype, fp8_dtype) -> bool:
+    """Where the plan runs the group quant kernel: the input it takes, at M where it beats XLA's formula."""
+    return group_quant.supports(k, group_size, x_dtype, fp8_dtype) and tuned_block_sizes.group_quant_is_faster(m)
+
+
 FUSED_KERNEL = platform.FusedKernel(
     scaled_mm=_scaled_mm.scaled_mm,
     supports_device=supports_device,
@@ -41,12 +40,8 @@ FUSED_KERNEL = platform.FusedKernel(
     per_token_quant_supports=quant.supports,
     block_scaled_mm=block_scaled_mm.block_scaled_mm,
     block_scaled_mm_supports=_block_kernel_runs,
-)
-
-BLOCK_FUSED_KERNEL = dataclasses.replace(
-    FUSED_KERNEL,
     per_token_group_quant=group_quant.per_token_group_quant,
-    per_token_group_quant_supports=group_quant.supports,
+    per_token_group_quant_supports=_group_quant_runs,
 )
 
 platform.register_fused_kernel("gpu", FUSED_KERNEL)

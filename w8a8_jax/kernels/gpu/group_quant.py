@@ -57,7 +57,9 @@ def _group_quant_kernel(x_gmem, q_gmem, s_gmem):
     x = plgpu.load(x_gmem.at[rows, cols], layout=plgpu.Layout.WGMMA_8BIT, optimized=False).astype(jnp.float32)
     magnitude = jnp.abs(x)
     amax = jnp.max(jnp.where(magnitude < jnp.inf, magnitude, 0.0), axis=1)  # NaN and ±Inf count as 0
-    scale = quantization.true_divide(jnp.maximum(amax, jnp.float32(quantization.GROUP_EPS)), jnp.float32(bound))
+    scale = quantization.true_divide(
+        jnp.maximum(amax, jnp.float32(quantization.GROUP_EPS)), jnp.float32(bound), in_kernel=True
+    )
     with jax.enable_x64(True):
         inverse = lax.broadcast_in_dim(1.0 / scale.astype(jnp.float64), x.shape, [0])
         quotient = (x.astype(jnp.float64) * inverse).astype(jnp.float32)

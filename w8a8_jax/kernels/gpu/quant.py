@@ -95,7 +95,7 @@ def _quant_kernel(x_gmem, ub_gmem, q_gmem, s_gmem, *, rows_per_block: int, vec: 
         amax = jnp.max(running)
         if ub is not None:
             amax = jnp.minimum(amax, ub)
-        scale = jnp.maximum(quantization.true_divide(amax, bound), jnp.float32(floor))
+        scale = jnp.maximum(quantization.true_divide(amax, bound, in_kernel=True), jnp.float32(floor))
         with jax.enable_x64(True):
             inverse = 1.0 / scale.astype(jnp.float64)
             for start in starts:

@@ -48,6 +48,11 @@ SHAPE_MULTIPLE = 16
 # TMA writes shared memory at 128-byte aligned addresses only: a pipelined slab of a stage spans a
 # multiple of this many float32 scales, else every other stage's copy faults (misaligned address).
 TMA_SMEM_FLOATS = 128 // 4
+# The weight-block scales a stage carries (`pipelined_weight_scales`): a slab from the CTA's first
+# block rounded down to a multiple of TMA_SMEM_FLOATS, so its global start is 128-byte aligned too
+# (copies from 4-byte aligned starts stopped the kernel with an illegal instruction on the H200),
+# and long enough to hold the CTA's blocks past that start.
+WEIGHT_SLAB_FLOATS = 2 * TMA_SMEM_FLOATS
 
 
 def _interpret_params():
@@ -76,13 +81,12 @@ def _token_slab(config: GemmConfig) -> int:
     return layout.round_up(config.cta_n, TMA_SMEM_FLOATS)
 
 
-def _pipelined_weight_scales(scale_b: jax.Array, config: GemmConfig) -> jax.Array:
+def _pipelined_weight_scales(scale_b: jax.Array) -> jax.Array:
     """`(NB, KB)` weight-block scales as the pipeline reads them (`pipelined_weight_scales`):
-    k-block-major, `(KB, width)`, with ones past the NB blocks so that the last CTA's 128-byte slab
-    stays in bounds, `width` a multiple of 4 (TMA's 16-byte rows)."""
+    k-block-major, `(KB, width)`, with ones past the NB blocks so that the last CTA's slab
+    (`WEIGHT_SLAB_FLOATS` from its first block rounded down to `TMA_SMEM_FLOATS`) stays in bounds."""
     blocks = scale_b.shape[0]
-    cta_blocks = (config.cta_m if config.swap_ab else config.cta_n) // tbs.PROMOTE_N
-    width = layout.round_up(blocks - cta_blocks + TMA_SMEM_FLOATS, 4)
+    width = layout.round_up(blocks, TMA_SMEM_FLOATS) + WEIGHT_SLAB_FLOATS - TMA_SMEM_FLOATS
     return jnp.pad(scale_b.T, ((0, 0), (0, width - blocks)), constant_values=1.0)
 
 
@@ -249,9 +253,9 @@ def _gemm_kernel(
         else:
             in_specs.append(plgpu.BlockSpec((1, cta_m // tile_m, tile_m), lambda ki: (ki, 0, 0), **release))
         if config.pipelined_weight_scales:
-            # The k-block's weight-block scales of the CTA's blocks (and the next ones', up to TMA's
-            # 128-byte slab), from the transposed `(K / 128, weight blocks)` array.
-            in_specs.append(plgpu.BlockSpec((1, TMA_SMEM_FLOATS), lambda ki: (ki, 0), **release))
+            # The k-block's weight-block scales of the CTA's blocks (and their neighbours', to fill
+            # the aligned slab), from the transposed `(K / 128, weight blocks)` array.
+            in_specs.append(plgpu.BlockSpec((1, WEIGHT_SLAB_FLOATS), lambda ki: (ki, 0), **release))
 
     def get_pipeline(body, compute_context, pipeline_state=None):
         return plgpu.emit_pipeline_warp_specialized(
@@ -299,6 +303,7 @@ def _gemm_kernel(
             cta_m_slice = pl.ds(m_idx * cta_m, cta_m)
             # The first weight block of the CTA's weight rows (its A rows when swapped).
             cta_first_block = (m_idx * cta_m if config.swap_ab else n_idx * cta_n) // tbs.PROMOTE_N
+            weight_slab_start = cta_first_block // TMA_SMEM_FLOATS * TMA_SMEM_FLOATS
             cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
             out_m_slice = pl.ds(split * m + m_idx * cta_m, cta_m)  # the slice's rows of the sums
             if config.wg_split == "m":
@@ -398,7 +403,7 @@ def _gemm_kernel(
 
                     def weight_block_scale(block):  # this k-block's scale of weight block `block`
                         if weight_slab:
-                            return plgpu.load(scale_stage[1].at[0, block - cta_first_block])
+                            return plgpu.load(scale_stage[1].at[0, block - weight_slab_start])
                         return plgpu.load(scale_b_gmem.at[block, kb])
 
                     if config.swap_ab:
@@ -449,7 +454,7 @@ def _gemm_kernel(
             elif block_scales:
                 operands.append(scale_a_gmem.at[kb_slice, pl.ds(m_idx * (cta_m // tile_m), cta_m // tile_m), :])
             if weight_slab:
-                operands.append(scale_b_gmem.at[kb_slice, pl.ds(cta_first_block, TMA_SMEM_FLOATS)])
+                operands.append(scale_b_gmem.at[kb_slice, pl.ds(weight_slab_start, WEIGHT_SLAB_FLOATS)])
             get_pipeline(mma_body, compute_context, pipeline_state)(*operands, allocations=pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -478,7 +483,7 @@ def gemm(qinput, weight, scale_a, scale_b, bias, out_dtype, *, config: GemmConfi
     fusion adds the K slices, transposes, scales, adds the bias and casts.
     """
     if block_scales and config.pipelined_weight_scales:
-        scale_b = _pipelined_weight_scales(scale_b, config)
+        scale_b = _pipelined_weight_scales(scale_b)
     if not config.raw_out:
         return gemm_large_m(
             qinput,

@@ -69,7 +69,7 @@ class GemmConfig:
         operand (its rows on the 64-row M side) and the tokens, padded to tile_n, the narrow N
         side, so decode-sized M wastes no tensor-core rows; XLA transposes the float32 result.
       pipelined_weight_scales: block scales only: each k-block's weight-block scales travel through
-        the pipeline too (a 128-byte slab a stage) and are read from shared memory, where
+        the pipeline too (a 256-byte slab a stage) and are read from shared memory, where
         otherwise each k-step reads its scalars from global memory. Not yet timed.
     """
 
@@ -136,10 +136,10 @@ def _smem_bytes(config: GemmConfig, out_itemsize: int, stages: int) -> int:
     ring = stages * (config.cta_m + config.cta_n) * config.tile_k
     epilogue = 2 * 2 * config.epi_tile_m * config.epi_tile_n * (4 if config.raw_out else out_itemsize)
     # float32 vectors: rowwise, the scale and bias vectors of both warpgroups; with block scales,
-    # each stage's activation scales (and the weight's 32-float slab) and the bias. The larger, so
+    # each stage's activation scales (and the weight's 64-float slab) and the bias. The larger, so
     # one fit serves both kernels.
     rowwise_vectors = 2 * (config.tile_m + 2 * config.tile_n) * 4
-    weight_slab = 32 if config.pipelined_weight_scales else 0
+    weight_slab = 64 if config.pipelined_weight_scales else 0  # scaled_mm.WEIGHT_SLAB_FLOATS
     block_vectors = (stages * (config.cta_m + weight_slab) + 2 * config.tile_n) * 4
     return ring + epilogue + max(rowwise_vectors, block_vectors) + SMEM_SLACK
 
@@ -334,16 +334,29 @@ MIN_WAVE_EFFICIENCY = 0.8
 
 
 # Where the block kernel beats XLA's block GEMM (the H200, bf16 out, DeepSeek-V3's shapes;
-# benchmarks/NOTES.md, "H200 v3"): at M = 1 XLA's per-k-block GEMMs read the weight as fast or
-# faster (3.1 against 3.1 TB/s at 7168 x 24576, 2.9 against 2.7 at 18432 x 7168, 0.8 against 0.4 at
-# 7168 x 2112); at M = 64 the swapped decode schedule ties or leads (0.95-3.7x), from M = 128 on the kernel
-# 3.5-6.7x. M = 2 .. 63 is not yet measured: XLA keeps the M of one decode step's batch up to 16.
-BLOCK_XLA_MAX_M = 16
+# benchmarks/NOTES.md, "H200 v4"): at M = 1 XLA's per-k-block GEMMs read the weight a little faster
+# (3.1 against 2.9 TB/s at 7168 x 24576, 2.9 against 2.7 at 18432 x 7168, 0.8 against 0.4 at
+# 7168 x 2112); from M = 4 their cost grows with M and the kernel's swapped decode schedule leads
+# on the large shapes (1.4-1.6x at M = 4 and 8, 1.7-1.8x at 16), ties or leads at 7168 x 2112 from
+# M = 16 (1.0x at 4, 1.1x at 16); from M = 128 it leads 3.5-6.9x. M = 2 and 3 are not measured.
+BLOCK_XLA_MAX_M = 1
 
 
 def block_kernel_is_faster(m: int) -> bool:
     """Whether the rule above sends a block-scaled GEMM of M rows (as the plan buckets them) to the kernel."""
     return m > BLOCK_XLA_MAX_M
+
+
+# Where the group quant kernel beats XLA's formula in `W8A8BlockFp8LinearOp.apply` (the H200, bf16
+# in; benchmarks/NOTES.md, "H200 v4"): at M >= 1024 it is 1.3-2.2x XLA's fusion alone and the
+# layer 1.04-1.09x; at M = 1 and 16 its launch and row padding cost the layer 2-20% (48.9 against
+# 58.7 us at 1 x 18432 x 7168). M = 65 .. 1023 is not measured.
+GROUP_QUANT_XLA_MAX_M = DECODE_M
+
+
+def group_quant_is_faster(m: int) -> bool:
+    """Whether the rule above quantizes M rows (as the plan buckets them) with the group quant kernel."""
+    return m > GROUP_QUANT_XLA_MAX_M
 
 
 def kernel_is_faster(m: int, k: int, n: int, num_sms: int) -> bool:

@@ -97,16 +97,19 @@ def test_out_dtype_and_fp8_input(key):
 def test_buckets_bound_compiles_and_keep_results(key):
     """M in 1..4096 runs through one compiled program per bucket (28 in all), results unchanged.
 
-    Every M up to 64 and a random sample above it (each new M also compiles the tiny pad and
-    slice around the program, ~50 ms each on CPU, so all 4096 would make a slow test).
+    Each bucket's both ends (its first M and itself), every M up to 16 and a random sample above
+    (each new M also compiles the tiny pad and slice around the program, ~50 ms each on CPU, so
+    all 4096 would make a slow test).
     """
     k1, k2, k3 = jax.random.split(key, 3)
     weight, weight_scale, bias = make_layer(k2, 16, 16, per_channel=True)
     pool = jax.random.normal(k1, (4096, 16), jnp.float32)
     op = Fp8LinearOp(fused_supported=False, use_per_token_if_dynamic=True)
     unpadded = Fp8LinearOp(fused_supported=False, use_per_token_if_dynamic=True, pad_output=False)
-    sample = np.random.default_rng(int(jax.random.randint(k3, (), 0, 2**30))).integers(65, 4097, 120)
-    rows = sorted({*range(1, 65), *sample.tolist(), 4096})
+    buckets = sorted({bucket_rows(m) for m in range(1, 4097)})
+    ends = {1, *buckets, *(b + 1 for b in buckets[:-1])}
+    sample = np.random.default_rng(int(jax.random.randint(k3, (), 0, 2**30))).integers(17, 4097, 16)
+    rows = sorted({*range(1, 17), *ends, *sample.tolist()})
     linear._run_plan.clear_cache()
     for m in rows:
         op.apply(pool[:m], weight, weight_scale, bias=bias)

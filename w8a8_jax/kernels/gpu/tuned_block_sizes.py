@@ -70,7 +70,7 @@ class GemmConfig:
         side, so decode-sized M wastes no tensor-core rows; XLA transposes the float32 result.
       pipelined_weight_scales: block scales only: each k-block's weight-block scales travel through
         the pipeline too (a 256-byte slab a stage) and are read from shared memory, where
-        otherwise each k-step reads its scalars from global memory. Not yet timed.
+        otherwise each k-step reads its scalars from global memory. Measured as fast, no faster.
     """
 
     tile_m: int = 64

@@ -335,10 +335,11 @@ MIN_WAVE_EFFICIENCY = 0.8
 
 # Where the block kernel beats XLA's block GEMM (the H200, bf16 out, DeepSeek-V3's shapes;
 # benchmarks/NOTES.md, "H200 v4"): at M = 1 XLA's per-k-block GEMMs read the weight a little faster
-# (3.1 against 2.9 TB/s at 7168 x 24576, 2.9 against 2.7 at 18432 x 7168, 0.8 against 0.4 at
+# (3.1 against 2.8 TB/s at 7168 x 24576, 2.9 against 2.7 at 18432 x 7168, 0.8 against 0.4 at
 # 7168 x 2112); from M = 4 their cost grows with M and the kernel's swapped decode schedule leads
-# on the large shapes (1.4-1.6x at M = 4 and 8, 1.7-1.8x at 16), ties or leads at 7168 x 2112 from
-# M = 16 (1.0x at 4, 1.1x at 16); from M = 128 it leads 3.5-6.9x. M = 2 and 3 are not measured.
+# on the large shapes (1.4-1.6x at M = 4 and 8, 1.7-1.8x at 16); at 7168 x 2112 it ties at M = 4
+# and leads 1.1x at 16 (M = 8 too noisy to read); from M = 128 it leads 3.5-6.9x. M = 2 and 3
+# are not measured.
 BLOCK_XLA_MAX_M = 1
 
 

@@ -6,7 +6,8 @@ blocks, bias, every out dtype, K up to 18432), then per (M, K, N) one row of `ti
 the same operands: the kernel (`kernels.gpu.block_scaled_mm`) under its default schedule
 (`tuned_block_sizes.default_config`: where the tiles underfill the SMs, the swapped decode schedule
 at M <= 64, K split above) and, where that differs, `ours_large_m`, the large-M schedule
-(`launch_config`), `ours_pipelined_scales` (the default with the weight-block scales through the
+(`launch_config`), `ours_wide`, the rowwise kernel's wide 128x256 CTA where the block kernel's
+narrow one differs, `ours_pipelined_scales` (the default with the weight-block scales through the
 pipeline, `GemmConfig.pipelined_weight_scales`), and with `--overlapped` `ours_overlapped`
 (overlapped promotion, measured 3x slower), each checked first too; XLA's block path (`w8a8_block_fp8_matmul` without the block
 kernel: dequantized or per-k-block GEMMs) and XLA bf16 on the codes' bf16 copy, then `torch._scaled_mm` blockwise and `torch.mm` bf16 on the very same arrays
@@ -125,9 +126,16 @@ def padded(m, k, n):
 def large_m_config(m, k, n):
     """`tuned_block_sizes.launch_config` for the block kernel's padded K and N where the default
     schedule is another one (the tiles underfill the SMs), else None."""
-    if tbs.small_m_config(*padded(m, k, n), 2, platform.num_sms()) is None:
+    if tbs.small_m_config(*padded(m, k, n), 2, platform.num_sms(), block_scales=True) is None:
         return None
-    return tbs.launch_config(*padded(m, k, n), 2, platform.num_sms())
+    return tbs.launch_config(*padded(m, k, n), 2, platform.num_sms(), block_scales=True)
+
+
+def wide_config(m, k, n):
+    """The rowwise kernel's large-M tiles (the wide 128x256 CTA where its rule takes it) where they
+    differ from the block kernel's large-M schedule (always the narrow CTA), else None."""
+    wide = tbs.launch_config(*padded(m, k, n), 2, platform.num_sms())
+    return None if wide == tbs.launch_config(*padded(m, k, n), 2, platform.num_sms(), block_scales=True) else wide
 
 
 def _schedule(config) -> dict:
@@ -153,7 +161,7 @@ def xla_bf16(a, w):
 
 def pipelined_config(m, k, n):
     """The default schedule with the weight-block scales through the pipeline."""
-    config = tbs.default_config(*padded(m, k, n), 2, platform.num_sms())
+    config = tbs.default_config(*padded(m, k, n), 2, platform.num_sms(), block_scales=True)
     return dataclasses.replace(config, pipelined_weight_scales=True)
 
 
@@ -165,9 +173,9 @@ def check_block(results, overlapped: bool):
         a, w, sa, sb = block_sets(key, m, k, n, 1)[0]
         bias = jax.random.normal(kbias, (n,), jnp.float32).astype(out_dtype) if with_bias else None
         ref = reference.block_scaled_mm(a, w, sa, sb, BLOCK, bias)
-        # The default, then the other schedules: large-M where the default differs, the weight
-        # scales pipelined, overlapped promotion.
-        configs = [None, large_m_config(m, k, n), pipelined_config(m, k, n)]
+        # The default, then the other schedules: large-M where the default differs, the wide CTA
+        # where it differs from that, the weight scales pipelined, overlapped promotion.
+        configs = [None, large_m_config(m, k, n), wide_config(m, k, n), pipelined_config(m, k, n)]
         if overlapped:
             configs.append(tbs.overlapped_config(*padded(m, k, n), 2, platform.num_sms()))
         for config in dict.fromkeys(configs):
@@ -218,6 +226,7 @@ def derived(row) -> dict:
     pairs = (("ours_block", "torch_block"), ("ours_block", "xla_block"), ("op_kernel", "xla_bf16"))
     pairs += (("op_xla_quant", "xla_bf16"),)
     pairs += (("ours_large_m", "torch_block"), ("ours_block", "ours_large_m"))
+    pairs += (("ours_wide", "torch_block"), ("ours_block", "ours_wide"))
     pairs += (("ours_pipelined_scales", "torch_block"), ("ours_pipelined_scales", "ours_block"))
     pairs += (("ours_overlapped", "torch_block"), ("ours_overlapped", "ours_block"))
     pairs += (("op_xla", "xla_bf16"), ("xla_bf16", "torch_bf16"))
@@ -241,10 +250,13 @@ def bench_block(results, ms, kns, args, save):
                 "xla_block": timing.Variant(xla_block, sets),
                 "xla_bf16": timing.Variant(xla_bf16, bf16_sets),
             }
-            row["schedule"] = _schedule(tbs.default_config(*padded(m, k, n), 2, platform.num_sms()))
+            row["schedule"] = _schedule(tbs.default_config(*padded(m, k, n), 2, platform.num_sms(), block_scales=True))
             large_m = large_m_config(m, k, n)
             if large_m is not None:
                 jax_variants["ours_large_m"] = timing.Variant(functools.partial(ours, config=large_m), sets)
+            wide = wide_config(m, k, n)
+            if wide is not None:
+                jax_variants["ours_wide"] = timing.Variant(functools.partial(ours, config=wide), sets)
             pipelined = pipelined_config(m, k, n)
             jax_variants["ours_pipelined_scales"] = timing.Variant(functools.partial(ours, config=pipelined), sets)
             if args.overlapped:
@@ -378,11 +390,13 @@ def entry_kernels(hlo_text: str) -> dict:
 def print_table(results):
     print("\nblock GEMM, bf16 out, wall clock: TFLOP/s (M <= 64: weight TB/s); ratio = their time / ours")
     print("(ours_block: the default schedule; ours_large_m: the large-M one, where the default is another;")
+    print(" ours_wide: the rowwise kernel's wide 128x256 CTA, where the block kernel's narrow one differs;")
     print(" ours_pipelin: the default with the weight-block scales through the pipeline;")
     print(" ours_overlapped: overlapped promotion, on the small-M schedule or the 128x128 CTA; vs torch: our best)")
     cols = [
         "ours_block",
         "ours_large_m",
+        "ours_wide",
         "ours_pipelined_scales",
         "ours_overlapped",
         "xla_block",
@@ -399,7 +413,7 @@ def print_table(results):
         cells = " ".join(f"{figures[c]:12.1f}" if c in figures else f"{'-':>12}" for c in cols)
         ours_vs_torch = [
             d["ratios"][f"{o}/torch_block"]
-            for o in ("ours_block", "ours_large_m", "ours_pipelined_scales", "ours_overlapped")
+            for o in ("ours_block", "ours_large_m", "ours_wide", "ours_pipelined_scales", "ours_overlapped")
             if f"{o}/torch_block" in d["ratios"]
         ]
         vs_torch = max(ours_vs_torch, default=float("nan"))  # the faster of our schedules

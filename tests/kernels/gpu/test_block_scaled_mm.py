@@ -232,11 +232,26 @@ def test_registered_plan_routes_by_m(m, traced, kernel, quant_kernel):
     assert plan.quantizer == quantizer, plan
 
 
+@pytest.mark.parametrize("m, k, n", [(4096, 7168, 24576), (1024, 18432, 7168), (16, 7168, 24576)])
+def test_default_schedule_takes_the_narrow_cta(m, k, n):
+    """Where the rowwise kernel takes the wide 128x256 CTA, the block kernel takes the 128x128 one
+    (`tuned_block_sizes.BLOCK_NARROW`: the wide one spills with the block scales); at decode's M
+    both take the swapped schedule."""
+    rowwise = tbs.default_config(m, k, n, 2, 132)
+    block = tbs.default_config(m, k, n, 2, 132, block_scales=True)
+    if m <= tbs.DECODE_M:
+        assert block == rowwise and block.swap_ab
+    else:
+        assert (rowwise.cta_m, rowwise.cta_n) == (128, 256)
+        assert (block.cta_m, block.cta_n, block.cluster) == (128, 128, "m") and block.persistent_pipeline
+
+
 @pytest.mark.parametrize(
     "m, k, n, config",
     [
         (4096, 7168, 2112, None),  # N padded to 2176: the narrow CTA
-        (1024, 7168, 24576, None),  # the wide CTA, clusters along M
+        (1024, 7168, 24576, None),  # the narrow CTA, clusters along M
+        (1024, 7168, 24576, tbs.DEFAULT_GEMM),  # the wide CTA: two weight blocks a warpgroup
         (64, 1536, 24576, None),  # the swapped decode schedule
         (512, 1024, 512, tbs.GemmConfig(wg_split="n")),
         (1024, 7168, 24576, dataclasses.replace(tbs.DEFAULT_GEMM, pipelined_weight_scales=True)),

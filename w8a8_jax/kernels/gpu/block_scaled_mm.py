@@ -102,7 +102,7 @@ def block_scaled_mm(
         return jnp.zeros((0, n), out_dtype)
     kp, np_ = layout.round_up(k, BLOCK[1]), layout.round_up(n, BLOCK[0])
     if config is None:
-        config = tbs.default_config(m, kp, np_, jnp.dtype(out_dtype).itemsize, platform.num_sms())
+        config = tbs.default_config(m, kp, np_, jnp.dtype(out_dtype).itemsize, platform.num_sms(), block_scales=True)
     else:
         config = tbs.fit_stages(config, jnp.dtype(out_dtype).itemsize, kp)
         config = tbs.fit_grid(config, layout.round_up(m, config.m_multiple), np_, platform.num_sms())

@@ -195,15 +195,24 @@ def wave_efficiency(config: GemmConfig, m: int, n: int, num_sms: int) -> float:
 WAVE_SLACK = 0.1
 
 
-def gemm_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
+def gemm_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int, *, block_scales: bool = False) -> GemmConfig:
     """The wide default or the narrow config (module docstring), fitted to N, to a single CTA row
-    of M and to shared memory; N must divide by the CTA tile's N."""
-    return fit_stages(_tile_config(m, n, num_sms), out_itemsize, k)
+    of M and to shared memory; N must divide by the CTA tile's N. With `block_scales` always the
+    narrow CTA (`BLOCK_NARROW`)."""
+    return fit_stages(_tile_config(m, n, num_sms, block_scales), out_itemsize, k)
 
 
-def _tile_config(m: int, n: int, num_sms: int) -> GemmConfig:
+# The block-scaled kernel takes the narrow CTA at every M. Its wide CTA's promotion holds a 64 x 128
+# chunk and the 64 x 256 float32 total and, with the block scales, spills a dozen totals to local
+# memory every k-step (the SASS of 4096 x 7168 x 24576 on the H200): the narrow CTA ran 1.08-1.17x
+# the wide one there and at 4096 x 18432 x 7168 (benchmarks/NOTES.md, "H200 v5").
+BLOCK_NARROW = True
+
+
+def _tile_config(m: int, n: int, num_sms: int, block_scales: bool = False) -> GemmConfig:
     wide = (
-        m > NARROW_GEMM.cta_m
+        not (block_scales and BLOCK_NARROW)
+        and m > NARROW_GEMM.cta_m
         and n % DEFAULT_GEMM.cluster_n == 0
         and wave_efficiency(DEFAULT_GEMM, m, n, num_sms) + WAVE_SLACK >= wave_efficiency(NARROW_GEMM, m, n, num_sms)
     )
@@ -217,10 +226,11 @@ def _tile_config(m: int, n: int, num_sms: int) -> GemmConfig:
     return config
 
 
-def launch_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
-    """The config `scaled_mm` launches for `(m, k) @ (n, k).T` (N a multiple of 128): `gemm_config`
-    with the persistent pipeline kept only where the grid allows it (`fit_grid`)."""
-    config = gemm_config(m, k, n, out_itemsize, num_sms)
+def launch_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int, *, block_scales: bool = False) -> GemmConfig:
+    """The config `scaled_mm` (with `block_scales`, `block_scaled_mm`) launches for `(m, k) @ (n, k).T`
+    (N a multiple of 128): `gemm_config` with the persistent pipeline kept only where the grid
+    allows it (`fit_grid`)."""
+    config = gemm_config(m, k, n, out_itemsize, num_sms, block_scales=block_scales)
     return fit_grid(config, -(-m // config.cluster_m) * config.cluster_m, n, num_sms)
 
 
@@ -267,9 +277,9 @@ def with_k_splits(config: GemmConfig, m: int, k: int, n: int, out_itemsize: int,
     return best if seconds[best.k_splits] <= SPLIT_GAIN * seconds[1] else candidates[0]
 
 
-def split_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
+def split_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int, *, block_scales: bool = False) -> GemmConfig:
     """`launch_config`'s tiles with K split where the model says so (`with_k_splits`)."""
-    config = with_k_splits(_tile_config(m, n, num_sms), m, k, n, out_itemsize, num_sms)
+    config = with_k_splits(_tile_config(m, n, num_sms, block_scales), m, k, n, out_itemsize, num_sms)
     config = fit_stages(config, out_itemsize, k)
     return fit_grid(config, -(-m // config.m_multiple) * config.m_multiple, n, num_sms)
 
@@ -291,21 +301,25 @@ def decode_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> Ge
     return fit_grid(fit_stages(config, out_itemsize, k), tokens, n, num_sms)
 
 
-def small_m_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig | None:
+def small_m_config(
+    m: int, k: int, n: int, out_itemsize: int, num_sms: int, *, block_scales: bool = False
+) -> GemmConfig | None:
     """The schedule for tiles that underfill the SMs: the swapped decode schedule at M <= 64, else
     split K; None where the model keeps K whole."""
     if m <= DECODE_TOKENS[-1]:
         return decode_config(m, k, n, out_itemsize, num_sms)
-    config = split_config(m, k, n, out_itemsize, num_sms)
+    config = split_config(m, k, n, out_itemsize, num_sms, block_scales=block_scales)
     return config if config.k_splits > 1 else None
 
 
-def default_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:
-    """The schedule both kernels launch for `(m, k) @ (n, k).T` when none is forced: `small_m_config`'s
-    where it has one, else `launch_config`'s. Measured on the H200 (benchmarks/NOTES.md, "H200 v3"),
-    the swapped decode schedule read the weight 1.1-2.3x as fast as the 128-row CTA at M = 1-64, and
-    the splits the model takes ran 1.1-1.6x the whole-K kernel at M = 128-1024."""
-    return small_m_config(m, k, n, out_itemsize, num_sms) or launch_config(m, k, n, out_itemsize, num_sms)
+def default_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int, *, block_scales: bool = False) -> GemmConfig:
+    """The schedule both kernels launch for `(m, k) @ (n, k).T` when none is forced (`block_scales`:
+    the block-scaled one's): `small_m_config`'s where it has one, else `launch_config`'s. Measured on
+    the H200 (benchmarks/NOTES.md, "H200 v3"), the swapped decode schedule read the weight 1.1-2.3x as
+    fast as the 128-row CTA at M = 1-64, and the splits the model takes ran 1.1-1.6x the whole-K
+    kernel at M = 128-1024."""
+    small_m = small_m_config(m, k, n, out_itemsize, num_sms, block_scales=block_scales)
+    return small_m or launch_config(m, k, n, out_itemsize, num_sms, block_scales=block_scales)
 
 
 def overlapped_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int) -> GemmConfig:

@@ -206,18 +206,20 @@ def test_block_dequant_matmul_matches_float64(key, m, k, n):
 
 
 def test_plan_runs_the_dequantized_block_gemm_on_cuda_from_4m_outputs(key, monkeypatch):
-    """Where cuBLASLt runs the fp8 GEMMs (CUDA), the plan takes the dequantized formulation from
-    M x N = 4Mi outputs on (measured on the H200); the plan's GEMM then runs."""
+    """Where cuBLASLt runs the fp8 GEMMs (CUDA) and no block kernel is registered, the plan takes
+    the dequantized formulation from M x N = 4Mi outputs on (measured on the H200); the plan's GEMM
+    then runs."""
     weight, weight_scale = quantized_layer(key, 4096, 256)
     op = w8a8_jax.W8A8BlockFp8LinearOp()
     big, small = jax.ShapeDtypeStruct((1024, 256), jnp.bfloat16), jax.ShapeDtypeStruct((896, 256), jnp.bfloat16)
     if jax.default_backend() == "cpu":  # on CPU always dequantized (per-k-block products are slow there)
         assert op.plan(small, weight, weight_scale).gemm == dispatch.XLA_BLOCK_DEQUANT_GEMM
     monkeypatch.setattr(scaled_mm, "fp8_dot_is_cublas", lambda dtype: True)
-    assert op.plan(big, weight, weight_scale).gemm == dispatch.XLA_BLOCK_DEQUANT_GEMM
-    assert op.plan(small, weight, weight_scale).gemm == dispatch.XLA_BLOCK_GEMM
-    x = activations(jax.random.fold_in(key, 1), 1024, 256)
-    out = jax.jit(lambda x: op.apply(x, weight, weight_scale, out_dtype=jnp.float32))(x)
+    with platform.override(fused_kernel=None):  # on Hopper the block kernel would take both
+        assert op.plan(big, weight, weight_scale).gemm == dispatch.XLA_BLOCK_DEQUANT_GEMM
+        assert op.plan(small, weight, weight_scale).gemm == dispatch.XLA_BLOCK_GEMM
+        x = activations(jax.random.fold_in(key, 1), 1024, 256)
+        out = jax.jit(lambda x: op.apply(x, weight, weight_scale, out_dtype=jnp.float32))(x)
     ref = op_reference(x, weight, weight_scale)
     assert np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max() <= DEQUANT_TOLERANCE
 
@@ -362,7 +364,8 @@ def test_op_gradient_is_the_straight_through_estimate(key):
 
 def test_op_plan_is_the_xla_block_path_without_a_kernel(key):
     weight, weight_scale = quantized_layer(key, 256, 576)
-    plan = w8a8_jax.W8A8BlockFp8LinearOp().plan(jax.ShapeDtypeStruct((7, 576), jnp.bfloat16), weight, weight_scale)
+    with platform.override(fused_kernel=None):  # none on CPU; on Hopper the registered one is set aside
+        plan = w8a8_jax.W8A8BlockFp8LinearOp().plan(jax.ShapeDtypeStruct((7, 576), jnp.bfloat16), weight, weight_scale)
     # XLA:CPU runs the block GEMM dequantized (its per-k-block products are slow there).
     xla_gemm = dispatch.XLA_BLOCK_DEQUANT_GEMM if jax.default_backend() == "cpu" else dispatch.XLA_BLOCK_GEMM
     assert (plan.quantizer, plan.gemm, plan.block_size) == ("quantize_per_token_group", xla_gemm, BLOCK)
@@ -456,8 +459,8 @@ def test_fp8_linear_op_points_block_scales_to_the_block_op(key):
 
 
 def test_op_group_must_be_the_weight_blocks_bk():
-    with pytest.raises(ValueError, match="no block-scaled fp8 kernel runs on this device"):
-        w8a8_jax.W8A8BlockFp8LinearOp(fused_supported=True)  # none on CPU (nor, yet, on Hopper)
+    with platform.override(fused_kernel=None), pytest.raises(ValueError, match="no block-scaled fp8 kernel runs"):
+        w8a8_jax.W8A8BlockFp8LinearOp(fused_supported=True)  # none on CPU; Hopper's set aside
     with pytest.raises(ValueError, match=r"act_quant_group_shape must be \(1, 128\)"):
         w8a8_jax.W8A8BlockFp8LinearOp((128, 128), (1, 64))
     op = w8a8_jax.W8A8BlockFp8LinearOp((64, 256), (1, 256))

@@ -312,7 +312,9 @@ def small_m_config(
     return config if config.k_splits > 1 else None
 
 
-def default_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int, *, block_scales: bool = False) -> GemmConfig:
+def default_config(
+    m: int, k: int, n: int, out_itemsize: int, num_sms: int, *, block_scales: bool = False
+) -> GemmConfig:
     """The schedule both kernels launch for `(m, k) @ (n, k).T` when none is forced (`block_scales`:
     the block-scaled one's): `small_m_config`'s where it has one, else `launch_config`'s. Measured on
     the H200 (benchmarks/NOTES.md, "H200 v3"), the swapped decode schedule read the weight 1.1-2.3x as

@@ -81,10 +81,12 @@ def edited_source(edits) -> str:
 
 
 def use_edited_kernel(edits) -> None:
-    """Makes `scaled_mm` launch the kernel of its edited copy (for this process)."""
+    """Makes `scaled_mm` launch the kernel of its edited copy (for this process), and drops what JAX
+    traced with the kernel before (the jitted wrappers would reuse it)."""
     module = types.ModuleType("scaled_mm_edited")
     exec(compile(edited_source(edits), "scaled_mm_edited.py", "exec"), module.__dict__)
     scaled_mm._gemm_kernel = module._gemm_kernel
+    jax.clear_caches()
 
 
 def _operands(key, m, k, n, rowwise: bool):

@@ -4,6 +4,7 @@ the kernel that runs (interpret mode, tiny shapes)."""
 import os
 import sys
 
+import jax
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -20,8 +21,17 @@ def test_every_edit_matches_the_kernel_source_once(edit):
         assert old not in edited and new in edited
 
 
-def test_edited_kernel_runs_and_differs(monkeypatch):
-    monkeypatch.setattr(scaled_mm, "_gemm_kernel", scaled_mm._gemm_kernel)  # restored after the test
+@pytest.fixture
+def restored_kernel():
+    """The kernel an edit replaces, put back after the test, and the traces made with the edited one
+    dropped, so no later test in this process runs it."""
+    kernel = scaled_mm._gemm_kernel
+    yield
+    scaled_mm._gemm_kernel = kernel
+    jax.clear_caches()
+
+
+def test_edited_kernel_runs_and_differs(restored_kernel):
     plain = block_ablation.run_one("narrow", 256, 256, 256, interpret=True, r=1)
     assert plain["rel_err"] < 1e-2 and plain["us"] > 0  # bf16 out: about 4e-3 at most
     edited = block_ablation.run_one("narrow+no_scales", 256, 256, 256, interpret=True, r=1)

@@ -235,7 +235,7 @@ def test_registered_plan_routes_by_m(m, traced, kernel, quant_kernel):
 @pytest.mark.parametrize("m, k, n", [(4096, 7168, 24576), (1024, 18432, 7168), (16, 7168, 24576)])
 def test_default_schedule_takes_the_narrow_cta(m, k, n):
     """Where the rowwise kernel takes the wide 128x256 CTA, the block kernel takes the 128x128 one
-    (`tuned_block_sizes.BLOCK_NARROW`: the wide one spills with the block scales); at decode's M
+    (`default_config(..., block_scales=True)`: the wide one spills with the block scales); at decode's M
     both take the swapped schedule."""
     rowwise = tbs.default_config(m, k, n, 2, 132)
     block = tbs.default_config(m, k, n, 2, 132, block_scales=True)

@@ -6,7 +6,8 @@ activation groups and 128x128 weight blocks.
   out[m, n] = sum_kb scale_a[m, kb] * scale_b[n // 128, kb] * (qinput @ weight.T)_kb + bias[n],
 
 on the rowwise kernel's schedule (`scaled_mm`: persistent grid, TMA producer warpgroup, two `wgmma`
-consumer warpgroups, clusters multicasting the weight tile). That kernel already adds each
+consumer warpgroups, clusters multicasting the weight tile), with its narrow 128x128 CTA at every M
+(on the wide one the block promotion spills: `tuned_block_sizes`). That kernel already adds each
 128-wide k-block's `wgmma` sum into float32 registers, in 128-column chunks; a chunk of a warpgroup
 is 64 rows of one k-block against one weight block, so the block scales apply right there: the
 chunk is multiplied by its rows' activation scales times its weight block's scale as it is added

@@ -7,7 +7,8 @@ consumer warpgroups and one TMA producer warpgroup, a multi-stage shared-memory 
 128x256 with promotion in 128-column chunks, clusters of 2 CTAs along M multicasting B, one
 pipeline across an SM's tiles. `NARROW_GEMM` (CTA 128x128) takes N that is not a multiple of 256,
 M of one CTA row, and shapes whose wide tiles would leave more of the last wave of SMs idle
-(`wave_efficiency`). `kernel_is_faster` is the measured rule the dispatch plan reads: where, by its
+(`wave_efficiency`); the block-scaled kernel takes it at every M (`block_scales=True`: the wide
+CTA's promotion spills with the block scales). `kernel_is_faster` is the measured rule the dispatch plan reads: where, by its
 grid's fill of the SMs, the kernel beats XLA.
 
 For the shapes whose output tiles underfill the SMs, `split_config` splits K (`GemmConfig.k_splits`)
@@ -198,20 +199,17 @@ WAVE_SLACK = 0.1
 def gemm_config(m: int, k: int, n: int, out_itemsize: int, num_sms: int, *, block_scales: bool = False) -> GemmConfig:
     """The wide default or the narrow config (module docstring), fitted to N, to a single CTA row
     of M and to shared memory; N must divide by the CTA tile's N. With `block_scales` always the
-    narrow CTA (`BLOCK_NARROW`)."""
+    narrow CTA (below)."""
     return fit_stages(_tile_config(m, n, num_sms, block_scales), out_itemsize, k)
 
 
 # The block-scaled kernel takes the narrow CTA at every M. Its wide CTA's promotion holds a 64 x 128
 # chunk and the 64 x 256 float32 total and, with the block scales, spills a dozen totals to local
-# memory every k-step (the SASS of 4096 x 7168 x 24576 on the H200): the narrow CTA ran 1.08-1.17x
-# the wide one there and at 4096 x 18432 x 7168 (benchmarks/NOTES.md, "H200 v5").
-BLOCK_NARROW = True
-
-
+# memory every k-step (the SASS of 4096 x 7168 x 24576 on the H200): the narrow CTA ran 1.03-1.17x
+# the wide one at M = 1024 and 4096 of 7168 x 24576 and 18432 x 7168 (benchmarks/NOTES.md, "H200 v5").
 def _tile_config(m: int, n: int, num_sms: int, block_scales: bool = False) -> GemmConfig:
     wide = (
-        not (block_scales and BLOCK_NARROW)
+        not block_scales
         and m > NARROW_GEMM.cta_m
         and n % DEFAULT_GEMM.cluster_n == 0
         and wave_efficiency(DEFAULT_GEMM, m, n, num_sms) + WAVE_SLACK >= wave_efficiency(NARROW_GEMM, m, n, num_sms)

@@ -7,6 +7,7 @@ copy of the module, `EDITS`); an edited kernel's sums are wrong, so it is timed,
   wide, narrow, wide_n   the block kernel on the 128x256 CTA (`DEFAULT_GEMM`), the 128x128 CTA
                          (`NARROW_GEMM`, its default) or the 64x256 one (warpgroups along N)
   rowwise_wide           the rowwise kernel (`scaled_mm`) on the 128x256 CTA
+  ..._k<S>               any of them with K split in S slices (`GemmConfig.k_splits`), e.g. narrow_k4
   +no_scales             promotion without the block scales (their slab still travels each stage)
   +row_scales_only       each chunk multiplied by its rows' activation scales only
   +weight_scales_only    each chunk multiplied by its weight block's scale only
@@ -114,16 +115,26 @@ def _dequantized_product(a, w, sa, sb):
     return jnp.dot(a32, w32.T, precision=jax.lax.Precision.HIGHEST)
 
 
+def parse_variant(spec: str):
+    """`(config, edits)` of a variant's name (the module docstring's)."""
+    schedule, *edits = spec.split("+")
+    name, _, splits = schedule.partition("_k")
+    if name not in SCHEDULES or not (splits == "" or splits.isdigit()) or any(e not in EDITS for e in edits):
+        raise ValueError(f"unknown variant {spec!r}: schedules {sorted(SCHEDULES)} (+ _k<S>), edits {sorted(EDITS)}")
+    config = SCHEDULES[name]
+    return (dataclasses.replace(config, k_splits=int(splits)) if splits else config), edits
+
+
 def run_one(spec: str, m: int, k: int, n: int, *, interpret: bool = False, r: int = R) -> dict:
     """One variant (`spec`, the module docstring's names) at `(m, k) @ (n, k).T`, bf16 out."""
-    schedule, *edits = spec.split("+")
-    if schedule not in SCHEDULES or any(e not in EDITS for e in edits):
-        raise ValueError(f"unknown variant {spec!r}: schedules {sorted(SCHEDULES)}, edits {sorted(EDITS)}")
-    if m % 256 or k % 128 or n % 256:
-        raise ValueError(f"the ablation takes M and N multiples of 256 and K of 128, got {(m, k, n)}")
+    config, edits = parse_variant(spec)
+    if m % 256 or k % 128 or n % config.n_multiple:
+        raise ValueError(
+            f"the ablation takes M a multiple of 256, K of 128 and N of {config.n_multiple}, got {(m, k, n)}"
+        )
     if edits:
         use_edited_kernel(edits)
-    config, rowwise = SCHEDULES[schedule], schedule.startswith("rowwise")
+    rowwise = spec.startswith("rowwise")
     sets = [_operands(key, m, k, n, rowwise) for key in jax.random.split(jax.random.key(0), r)]
 
     def gemm(a, w, sa, sb):

@@ -38,3 +38,12 @@ def test_edited_kernel_runs_and_differs(restored_kernel):
     assert edited["rel_err"] > 1.0  # the unscaled sums are some 10^4 times the scaled ones
     with pytest.raises(ValueError, match="unknown variant"):
         block_ablation.run_one("narrow+no_such_edit", 256, 256, 256, interpret=True)
+
+
+def test_variant_names():
+    config, edits = block_ablation.parse_variant("narrow_k4+no_scales+producer_24")
+    assert (config.cta_n, config.k_splits, edits) == (128, 4, ["no_scales", "producer_24"])
+    assert block_ablation.parse_variant("wide_n")[0].wg_split == "n"
+    for bad in ("narrow_kx", "narrow_4", "tall"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            block_ablation.parse_variant(bad)

@@ -8,8 +8,8 @@ consumer warpgroups and one TMA producer warpgroup, a multi-stage shared-memory 
 pipeline across an SM's tiles. `NARROW_GEMM` (CTA 128x128) takes N that is not a multiple of 256,
 M of one CTA row, and shapes whose wide tiles would leave more of the last wave of SMs idle
 (`wave_efficiency`); the block-scaled kernel takes it at every M (`block_scales=True`: the wide
-CTA's promotion spills with the block scales). `kernel_is_faster` is the measured rule the dispatch plan reads: where, by its
-grid's fill of the SMs, the kernel beats XLA.
+CTA's promotion spills with the block scales). `kernel_is_faster` is the measured rule the
+dispatch plan reads: where, by its grid's fill of the SMs, the kernel beats XLA.
 
 For the shapes whose output tiles underfill the SMs, `split_config` splits K (`GemmConfig.k_splits`)
 where the model (`predicted_seconds`) says that pays by SPLIT_GAIN, and `decode_config`, for

@@ -7,6 +7,9 @@ copy of the module, `EDITS`); an edited kernel's sums are wrong, so it is timed,
   wide, narrow, wide_n   the block kernel on the 128x256 CTA (`DEFAULT_GEMM`), the 128x128 CTA
                          (`NARROW_GEMM`, its default) or the 64x256 one (warpgroups along N)
   rowwise_wide           the rowwise kernel (`scaled_mm`) on the 128x256 CTA
+  wide_c64, rowwise_wide_c64
+                         the 128x256 CTA promoted in 64-column chunks (`GemmConfig.promote_n`)
+  wide_pw, wide_c64_pw   with the weight scales through the pipeline (`pipelined_weight_scales`)
   ..._k<S>               any of them with K split in S slices (`GemmConfig.k_splits`), e.g. narrow_k4
   +no_scales             promotion without the block scales (their slab still travels each stage)
   +row_scales_only       each chunk multiplied by its rows' activation scales only
@@ -49,8 +52,12 @@ SCHEDULES = {
     "narrow": tbs.NARROW_GEMM,
     "wide_n": dataclasses.replace(tbs.NARROW_GEMM, wg_split="n"),
     "rowwise_wide": tbs.DEFAULT_GEMM,
+    "wide_c64": dataclasses.replace(tbs.DEFAULT_GEMM, promote_n=64),
+    "rowwise_wide_c64": dataclasses.replace(tbs.DEFAULT_GEMM, promote_n=64),
+    "wide_pw": dataclasses.replace(tbs.DEFAULT_GEMM, pipelined_weight_scales=True),
+    "wide_c64_pw": dataclasses.replace(tbs.DEFAULT_GEMM, promote_n=64, pipelined_weight_scales=True),
 }
-_SCALE_PRODUCT = "scales = tuple((row_scale * weight_block_scale(first_block + c), 0) for c in range(chunks))"
+_SCALE_PRODUCT = "scales = tuple((row_scale * weight_block_scale(block), 0) for block in blocks)"
 _ONES = "plgpu.layout_cast(jnp.ones((tile_m,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))"
 EDITS = {
     "no_scales": (
@@ -59,9 +66,9 @@ EDITS = {
             "return _mma_step(carry, a_tile, b_tile, config.promote, None)",
         ),
     ),
-    "row_scales_only": ((_SCALE_PRODUCT, "scales = tuple((row_scale, 0) for c in range(chunks))"),),
+    "row_scales_only": ((_SCALE_PRODUCT, "scales = tuple((row_scale, 0) for block in blocks)"),),
     "weight_scales_only": (
-        (_SCALE_PRODUCT, f"scales = tuple(({_ONES} * weight_block_scale(first_block + c), 0) for c in range(chunks))"),
+        (_SCALE_PRODUCT, f"scales = tuple(({_ONES} * weight_block_scale(block), 0) for block in blocks)"),
     ),
     "producer_24": (("memory_registers=40", "memory_registers=24"),),
 }

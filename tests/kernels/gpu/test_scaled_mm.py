@@ -86,8 +86,14 @@ def test_interpret_without_promotion_and_wide_n(key):
         tbs.GemmConfig(persistent_pipeline=True, stages=2),
         tbs.GemmConfig(cluster="m", persistent_pipeline=True, stages=2),
         tbs.GemmConfig(tile_n=256, epi_tile_n=32, cluster="m", persistent_pipeline=True, stages=2),
+        tbs.GemmConfig(tile_n=256, epi_tile_n=32, cluster="m", persistent_pipeline=True, stages=2, promote_n=64),
     ],
-    ids=["persistent", "cluster_persistent", "cluster_persistent_promoted_in_two_chunks"],
+    ids=[
+        "persistent",
+        "cluster_persistent",
+        "cluster_persistent_promoted_in_two_chunks",
+        "cluster_persistent_promoted_in_four_chunks",
+    ],
 )
 def test_interpret_pipeline_variants(key, config):
     # 3 x 2 output tiles over 2 SMs: each SM's pipeline starts, runs steady and stops.
@@ -280,3 +286,9 @@ def test_rule_scales_with_the_machine():
     assert not tbs.kernel_is_faster(256, 8192, 4096, num_sms=132)  # 16 clusters on 66 slots
     assert tbs.kernel_is_faster(256, 8192, 4096, num_sms=32)  # 16 on 16
     assert not tbs.kernel_is_faster(64, 8192, 57344, num_sms=132)  # decode-sized M whatever N
+
+
+@pytest.mark.parametrize("promote_n", [32, 96, 256])
+def test_config_rejects_promote_n(promote_n):
+    with pytest.raises(ValueError, match="promote_n must be 64 or 128"):
+        tbs.GemmConfig(tile_n=256, promote_n=promote_n)

@@ -94,9 +94,8 @@ def _zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
 
-def _promoted_zeros(rows: int, cols: int):
-    """A promoting warpgroup's float32 totals: one `(rows, <= PROMOTE_N)` array per column chunk."""
-    chunk = min(cols, tbs.PROMOTE_N)
+def _promoted_zeros(rows: int, cols: int, chunk: int):
+    """A promoting warpgroup's float32 totals: one `(rows, chunk)` array per column chunk."""
     return tuple(_zeros((rows, chunk)) for _ in range(cols // chunk))
 
 
@@ -222,7 +221,7 @@ def _gemm_kernel(
     shared = ("cluster",)
     # Promoted column chunks of a warpgroup's tile; block scales: the dimension they vary along
     # (the rows are the tokens, or swapped the columns).
-    chunk = min(tile_n, tbs.PROMOTE_N)
+    chunk = min(tile_n, config.promote_n)
     chunks = tile_n // chunk
     scale_dim = 1 if config.swap_ab else 0
     weight_slab = block_scales and config.pipelined_weight_scales
@@ -386,7 +385,7 @@ def _gemm_kernel(
                         epilogue((_finish_overlapped(carry, k_iters, accs, scale_dim),))
 
                 elif config.promote:
-                    epilogue(eval_pipeline(_promoted_zeros(tile_m, tile_n)))
+                    epilogue(eval_pipeline(_promoted_zeros(tile_m, tile_n, chunk)))
                 else:
 
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
@@ -423,14 +422,14 @@ def _gemm_kernel(
                             for c in range(chunks)
                         )
                     else:
-                        # The warpgroup's row scales for this k-block times each 128-column chunk's
+                        # The warpgroup's row scales for this k-block times each column chunk's
                         # weight-block scale (a scalar, cached: cta_n / 128 of them a CTA a k-block).
                         row_scale = plgpu.load(
                             scale_stage[0].at[0, wg if config.wg_split == "m" else 0],
                             layout=plgpu.Layout.WGMMA.reduce(1),
                         )
-                        first_block = wg_n0 // tbs.PROMOTE_N
-                        scales = tuple((row_scale * weight_block_scale(first_block + c), 0) for c in range(chunks))
+                        blocks = [(wg_n0 + c * chunk) // tbs.PROMOTE_N for c in range(chunks)]
+                        scales = tuple((row_scale * weight_block_scale(block), 0) for block in blocks)
                 a_tile, b_tile = a_smem.at[wg_m_slice], b_smem.at[wg_n_slice]
                 if config.overlap_promotion:
                     scale = None if scales is None else scales[0][0]

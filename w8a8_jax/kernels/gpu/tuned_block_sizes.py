@@ -72,6 +72,10 @@ class GemmConfig:
       pipelined_weight_scales: block scales only: each k-block's weight-block scales travel through
         the pipeline too (a 256-byte slab a stage) and are read from shared memory, where
         otherwise each k-step reads its scalars from global memory. Measured as fast, no faster.
+      promote_n: columns of one promoted chunk, PROMOTE_N or 64: the `wgmma` accumulator a
+        warpgroup holds beside its total (64 x promote_n float32), so 64 frees 32 registers a
+        thread on a 128x256 CTA at the cost of twice the `wgmma` instructions (each re-reads its
+        A tile from shared memory).
     """
 
     tile_m: int = 64
@@ -90,8 +94,11 @@ class GemmConfig:
     overlap_promotion: bool = False
     swap_ab: bool = False
     pipelined_weight_scales: bool = False
+    promote_n: int = PROMOTE_N
 
     def __post_init__(self):
+        if self.promote_n not in (64, PROMOTE_N) or self.tile_n % min(self.tile_n, self.promote_n):
+            raise ValueError(f"promote_n must be 64 or {PROMOTE_N} and divide tile_n, got {self}")
         if self.overlap_promotion and (not self.promote or self.tile_n > PROMOTE_N):
             raise ValueError(f"overlap_promotion needs promote=True and tile_n <= {PROMOTE_N}, got {self}")
 

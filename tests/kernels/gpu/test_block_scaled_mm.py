@@ -103,6 +103,21 @@ def test_interpret_schedules(key, config):
     check(key, 260, 768, 512, True, jnp.float32, config=config)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        tbs.NARROW_GEMM,
+        tbs.GemmConfig(cluster="n"),  # the pair's second CTA wholly past N
+        dataclasses.replace(tbs.NARROW_GEMM, k_splits=2, persistent_pipeline=False),  # sums, then the bias
+    ],
+    ids=str,
+)
+def test_interpret_last_tile_past_n(key, config):
+    # N = 200: the weight is not padded; the last tile reads zeros past row 200 and writes no column
+    # past it.
+    check(key, 256, 512, 200, True, jnp.bfloat16, config=config)
+
+
 @pytest.mark.skipif(
     jax.default_backend() != "cpu",
     reason="a CPU check: a GPU's wider float32 tolerance (the tensor cores' floor) passes a 0.1% scale error",

@@ -19,8 +19,10 @@ in vLLM's terms; the `(M, KB)` scales the API takes are transposed here, which X
 group quant that made them when both run in one program). The weight scales are scalars read from
 global memory at each k-step, one per 128-column chunk (`cta_n / 128` a CTA), cached.
 
-K and N that are not multiples of 128 are zero-padded up to them (partial last blocks: zero codes
-add nothing), a copy of both operands each call; M is padded to the cluster's rows.
+K that is not a multiple of 128 is zero-padded up to it (partial last blocks: zero codes add
+nothing), a copy of both operands each call; M is padded to the cluster's rows. N need not be: the
+TMA copies zero-fill the weight rows past N and drop the output columns past N (the swapped decode
+schedule, whose A operand the weight is, pads it).
 
 The split-K and swapped decode schedules of `tuned_block_sizes` run here too (the default where
 the tiles underfill the SMs, `default_config`; or `config=`): each K slice's sums carry their block
@@ -121,9 +123,11 @@ def _block_gemm(qinput, weight, scale_a, scale_b, bias, *, config, out_dtype, in
     (m, k), n = qinput.shape, weight.shape[0]
     kp, np_ = layout.round_up(k, BLOCK[1]), layout.round_up(n, BLOCK[0])
     mp = layout.round_up(m, config.m_multiple)
-    # Zero codes pad K and N (they add nothing) and M (sliced off); the scales of padded rows are 1.
+    # Zero codes pad K (they add nothing) and M (sliced off); the scales of padded rows are 1. N is
+    # padded only where the weight is the kernel's A operand (swapped): otherwise TMA zero-fills
+    # the last tile's rows past N and drops its columns past N, so no copy of the weight is made.
     qinput = jnp.pad(qinput, ((0, mp - m), (0, kp - k)))
-    weight = jnp.pad(weight, ((0, np_ - n), (0, kp - k)))
+    weight = jnp.pad(weight, ((0, np_ - n if config.swap_ab else 0), (0, kp - k)))
     scale_a = jnp.pad(scale_a, ((0, mp - m), (0, 0)), constant_values=1.0)
     # k-block-major: each k-step's activation scales are one contiguous slab (a row per warpgroup).
     scale_a = scale_a.T

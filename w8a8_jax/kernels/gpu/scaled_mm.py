@@ -213,7 +213,9 @@ def _gemm_kernel(
     # A cluster of 2 CTAs side by side along M (N) shares each B (A) tile: TMA multicasts it. A
     # work unit is one CTA tile over one of the k_splits slices of K.
     splits = config.k_splits
-    m_iters, n_iters, k_iters = m // config.cluster_m, n // config.cluster_n, k // splits // tile_k
+    # N need not fill the last tile: TMA zero-fills the weight rows it reads past the end and drops
+    # the output columns it would write there.
+    m_iters, n_iters, k_iters = m // config.cluster_m, -(-n // config.cluster_n), k // splits // tile_k
     transforms = _fp8_transforms(tile_k)
     # Raw: the float32 sums go out as they are; XLA applies the rowwise scales and the bias.
     raw = config.raw_out
@@ -508,7 +510,7 @@ def gemm(qinput, weight, scale_a, scale_b, bias, out_dtype, *, config: GemmConfi
     if not block_scales:
         sums = sums * scale_a[:, None] * scale_b[None, :]
     if bias is not None:
-        sums = sums + bias
+        sums = sums + bias[: sums.shape[1]]  # the kernel's bias may cover the last tile's columns past N
     return sums.astype(out_dtype)
 
 

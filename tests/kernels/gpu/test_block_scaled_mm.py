@@ -22,6 +22,7 @@ from tests.test_block_fp8 import activations, block_operands
 from w8a8_jax import dispatch, layout, platform, quantization
 from w8a8_jax.kernels import gpu
 from w8a8_jax.kernels.gpu import block_scaled_mm as gpu_block
+from w8a8_jax.kernels.gpu import scaled_mm as gpu_mm
 from w8a8_jax.kernels.gpu import group_quant, supports_device
 from w8a8_jax.kernels.gpu import tuned_block_sizes as tbs
 
@@ -113,9 +114,19 @@ def test_interpret_schedules(key, config):
     ids=str,
 )
 def test_interpret_last_tile_past_n(key, config):
-    # N = 200: the weight is not padded; the last tile reads zeros past row 200 and writes no column
-    # past it.
-    check(key, 256, 512, 200, True, jnp.bfloat16, config=config)
+    # N = 192: the weight is not padded; the last tile reads zeros past row 192 and writes no column
+    # past it. N = 200 (off the 64-column store tile) is padded.
+    for n in (192, 200):
+        check(key, 256, 512, n, True, jnp.bfloat16, config=config)
+
+
+@pytest.mark.parametrize(
+    "config, out_dtype, columns",
+    [(tbs.NARROW_GEMM, jnp.bfloat16, 64), (tbs.NARROW_GEMM, jnp.float32, 32), (tbs.DEFAULT_GEMM, jnp.bfloat16, 32)],
+    ids=str,
+)
+def test_out_tile_columns(config, out_dtype, columns):
+    assert gpu_mm.out_tile_columns(config, out_dtype) == columns
 
 
 @pytest.mark.skipif(
@@ -267,7 +278,8 @@ def test_default_schedule_takes_the_narrow_cta(m, k, n):
 @pytest.mark.parametrize(
     "m, k, n, config",
     [
-        (4096, 7168, 2112, None),  # N padded to 2176: the narrow CTA
+        (4096, 7168, 2112, None),  # the narrow CTA, the last tile past N (2112 = 16.5 x 128)
+        (300, 4100, 2000, None),  # N off the 64-column store tile: padded
         (1024, 7168, 24576, None),  # the narrow CTA, clusters along M
         (1024, 7168, 24576, tbs.DEFAULT_GEMM),  # the wide CTA: two weight blocks a warpgroup
         (64, 1536, 24576, None),  # the swapped decode schedule

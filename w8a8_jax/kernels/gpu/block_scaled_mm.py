@@ -21,8 +21,9 @@ global memory at each k-step, one per 128-column chunk (`cta_n / 128` a CTA), ca
 
 K that is not a multiple of 128 is zero-padded up to it (partial last blocks: zero codes add
 nothing), a copy of both operands each call; M is padded to the cluster's rows. N need not be: the
-TMA copies zero-fill the weight rows past N and drop the output columns past N (the swapped decode
-schedule, whose A operand the weight is, pads it).
+TMA copies zero-fill the weight rows past N and drop the output columns past N, where N divides by
+the output's store tile (`scaled_mm.out_tile_columns`: 64 columns of bf16, DeepSeek-V3's 2112
+among them); other N, and the swapped decode schedule (the weight is its A operand), are padded.
 
 The split-K and swapped decode schedules of `tuned_block_sizes` run here too (the default where
 the tiles underfill the SMs, `default_config`; or `config=`): each K slice's sums carry their block
@@ -124,10 +125,12 @@ def _block_gemm(qinput, weight, scale_a, scale_b, bias, *, config, out_dtype, in
     kp, np_ = layout.round_up(k, BLOCK[1]), layout.round_up(n, BLOCK[0])
     mp = layout.round_up(m, config.m_multiple)
     # Zero codes pad K (they add nothing) and M (sliced off); the scales of padded rows are 1. N is
-    # padded only where the weight is the kernel's A operand (swapped): otherwise TMA zero-fills
-    # the last tile's rows past N and drops its columns past N, so no copy of the weight is made.
+    # padded only where the weight is the kernel's A operand (swapped) or N is off the output's
+    # store tile: otherwise TMA zero-fills the last tile's rows past N and drops its columns past
+    # N, so no copy of the weight is made.
+    pad_n = config.swap_ab or n % gpu_mm.out_tile_columns(config, out_dtype)
     qinput = jnp.pad(qinput, ((0, mp - m), (0, kp - k)))
-    weight = jnp.pad(weight, ((0, np_ - n if config.swap_ab else 0), (0, kp - k)))
+    weight = jnp.pad(weight, ((0, np_ - n if pad_n else 0), (0, kp - k)))
     scale_a = jnp.pad(scale_a, ((0, mp - m), (0, 0)), constant_values=1.0)
     # k-block-major: each k-step's activation scales are one contiguous slab (a row per warpgroup).
     scale_a = scale_a.T

@@ -75,6 +75,13 @@ def _out_transforms(epi_tile_n: int, out_dtype):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
+def out_tile_columns(config: GemmConfig, out_dtype) -> int:
+    """The columns of the epilogue's swizzled TMA store tile: an output whose N divides by them may
+    end inside the last CTA tile (its columns past N are dropped); any other N is padded."""
+    dtype = jnp.float32 if config.raw_out else out_dtype
+    return _out_transforms(config.epi_tile_n, dtype)[0].tiling[1]
+
+
 def _token_slab(config: GemmConfig) -> int:
     """Swapped block scales: the token scales a stage carries, the CTA's `cta_n` and the next ones'
     up to TMA's alignment (`gemm` pads the array's columns for the last CTA's)."""

@@ -44,6 +44,7 @@ def test_variant_names():
     config, edits = block_ablation.parse_variant("narrow_k4+no_scales+producer_24")
     assert (config.cta_n, config.k_splits, edits) == (128, 4, ["no_scales", "producer_24"])
     assert block_ablation.parse_variant("wide_n")[0].wg_split == "n"
+    assert block_ablation.parse_variant("wide_c64_pw")[0].promote_n == 64
     for bad in ("narrow_kx", "narrow_4", "tall"):
         with pytest.raises(ValueError, match="unknown variant"):
             block_ablation.parse_variant(bad)

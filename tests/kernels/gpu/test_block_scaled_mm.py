@@ -22,8 +22,8 @@ from tests.test_block_fp8 import activations, block_operands
 from w8a8_jax import dispatch, layout, platform, quantization
 from w8a8_jax.kernels import gpu
 from w8a8_jax.kernels.gpu import block_scaled_mm as gpu_block
-from w8a8_jax.kernels.gpu import scaled_mm as gpu_mm
 from w8a8_jax.kernels.gpu import group_quant, supports_device
+from w8a8_jax.kernels.gpu import scaled_mm as gpu_mm
 from w8a8_jax.kernels.gpu import tuned_block_sizes as tbs
 
 on_hopper = jax.devices()[0].platform == "gpu" and supports_device(jax.devices()[0])

@@ -14,8 +14,9 @@ The plan sends rowwise GEMMs of decode-sized M (<= 64) to XLA, which measured fa
 (benchmarks/NOTES.md).
 
 The same schedule runs the block-scaled GEMM (`block_scaled_mm.py`): each k-step's activation
-scales then travel through the pipeline with the operands, and the promotion of each 128-column
-chunk multiplies it by its rows' scales times its weight block's scale; the epilogue adds the bias.
+scales then travel through the pipeline with the operands, and the promotion of each column chunk
+(128 columns, or 64: `GemmConfig.promote_n`) multiplies it by its rows' scales times its weight
+block's scale; the epilogue adds the bias.
 
 Three variations of the schedule (`GemmConfig`); the first two are the default where the tiles
 underfill the SMs (`tuned_block_sizes.default_config`), the third measured slower and is no default:

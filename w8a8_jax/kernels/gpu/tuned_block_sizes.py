@@ -75,7 +75,8 @@ class GemmConfig:
       promote_n: columns of one promoted chunk, PROMOTE_N or 64: the `wgmma` accumulator a
         warpgroup holds beside its total (64 x promote_n float32), so 64 frees 32 registers a
         thread on a 128x256 CTA at the cost of twice the `wgmma` instructions (each re-reads its
-        A tile from shared memory).
+        A tile from shared memory). Measured on the H200 there: the rowwise kernel 6% slower, the
+        block kernel 2x slower (benchmarks/NOTES.md, "H200 v6"); off by default.
     """
 
     tile_m: int = 64

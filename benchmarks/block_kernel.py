@@ -9,7 +9,8 @@ at M <= 64, K split above) and, where that differs, `ours_large_m`, the large-M 
 (`launch_config`), `ours_wide`, the rowwise kernel's wide 128x256 CTA where the block kernel's
 narrow one differs, `ours_pipelined_scales` (the default with the weight-block scales through the
 pipeline, `GemmConfig.pipelined_weight_scales`), and with `--overlapped` `ours_overlapped`
-(overlapped promotion, measured 3x slower), each checked first too; XLA's block path (`w8a8_block_fp8_matmul` without the block
+(overlapped promotion, measured 3x slower), each checked first too (`--lean` times the default
+schedule alone, and no XLA block path); XLA's block path (`w8a8_block_fp8_matmul` without the block
 kernel: dequantized or per-k-block GEMMs) and XLA bf16 on the codes' bf16 copy, then `torch._scaled_mm` blockwise and `torch.mm` bf16 on the very same arrays
 (DLPack; fp8 as a uint8 view), then the JAX variants again. Then the group quant (bf16 in): the
 kernel (`kernels.gpu.group_quant`), XLA's formula and a bf16 copy, in bytes/s. With `--e2e`,
@@ -23,7 +24,7 @@ scales stored k-block-major (the `(KB, M)` array, `.t()`), `sb` the `(NB, KB)` w
 passed as `.t()`.
 
   python3 benchmarks/block_kernel.py [--quick] [--ms M ...] [--kn K N ...] [--reps N] [--calls N]
-                                     [--r N] [--e2e] [--overlapped] [--skip-checks] [--skip-quant] [--skip-cupti]
+                                     [--r N] [--e2e] [--overlapped] [--lean] [--skip-checks] [--skip-quant] [--skip-cupti]
                                      [--time-budget S] [--json PATH]
 
 Timing as in `gpu_kernels.py` (`timing.compare`): R (`--r`, default 8) distinct operand sets per
@@ -234,6 +235,21 @@ def derived(row) -> dict:
     return out
 
 
+def schedule_variants(m, k, n, sets) -> dict:
+    """The block kernel on its other schedules, where they differ from the default: the large-M one,
+    the rowwise kernel's wide CTA and the pipelined weight scales."""
+    variants = {}
+    large_m = large_m_config(m, k, n)
+    if large_m is not None:
+        variants["ours_large_m"] = timing.Variant(functools.partial(ours, config=large_m), sets)
+    wide = wide_config(m, k, n)
+    if wide is not None:
+        variants["ours_wide"] = timing.Variant(functools.partial(ours, config=wide), sets)
+    pipelined = pipelined_config(m, k, n)
+    variants["ours_pipelined_scales"] = timing.Variant(functools.partial(ours, config=pipelined), sets)
+    return variants
+
+
 def bench_block(results, ms, kns, args, save):
     key = jax.random.key(2)
     deadline = time.perf_counter() + args.time_budget
@@ -251,14 +267,10 @@ def bench_block(results, ms, kns, args, save):
                 "xla_bf16": timing.Variant(xla_bf16, bf16_sets),
             }
             row["schedule"] = _schedule(tbs.default_config(*padded(m, k, n), 2, platform.num_sms(), block_scales=True))
-            large_m = large_m_config(m, k, n)
-            if large_m is not None:
-                jax_variants["ours_large_m"] = timing.Variant(functools.partial(ours, config=large_m), sets)
-            wide = wide_config(m, k, n)
-            if wide is not None:
-                jax_variants["ours_wide"] = timing.Variant(functools.partial(ours, config=wide), sets)
-            pipelined = pipelined_config(m, k, n)
-            jax_variants["ours_pipelined_scales"] = timing.Variant(functools.partial(ours, config=pipelined), sets)
+            if args.lean:  # the targets' columns only: the default schedule, XLA bf16 and torch
+                del jax_variants["xla_block"]
+            else:
+                jax_variants.update(schedule_variants(m, k, n, sets))
             if args.overlapped:
                 overlapped = tbs.overlapped_config(*padded(m, k, n), 2, platform.num_sms())
                 jax_variants["ours_overlapped"] = timing.Variant(functools.partial(ours, config=overlapped), sets)
@@ -453,6 +465,9 @@ def main(argv=None):
     parser.add_argument("--e2e", action="store_true", help="also time W8A8BlockFp8LinearOp.apply against XLA bf16")
     parser.add_argument("--e2e-ms", type=int, nargs="+", default=[1024, 4096], help="M values of the end-to-end rows")
     parser.add_argument("--overlapped", action="store_true", help="also check and time overlapped promotion")
+    parser.add_argument(
+        "--lean", action="store_true", help="time the default schedule, XLA bf16 and torch only (no other schedule)"
+    )
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-quant", action="store_true")
     parser.add_argument("--quant-shapes", type=int, nargs=2, action="append", help="an (M, K) of the quant rows")

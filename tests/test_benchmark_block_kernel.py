@@ -105,3 +105,15 @@ ENTRY %main (a: f32[4], b: f32[4,4]) -> (f32[4], f32[4,4]) {
 }
 """
     assert block_kernel.entry_kernels(text) == {"fusion:kLoop": 1, "custom-call:mosaic_gpu_v2": 1, "copy": 1}
+
+
+def test_lean_rows_time_the_default_schedule_xla_bf16_and_torch_only(tmp_path, monkeypatch):
+    interpret = functools.partial(gpu_block.block_scaled_mm, interpret=True)
+    monkeypatch.setattr(block_kernel, "torch", None)
+    monkeypatch.setattr(block_kernel.gpu_block, "block_scaled_mm", interpret)
+    path = tmp_path / "block_kernel.json"
+    argv = ["--lean", "--skip-checks", "--skip-quant", "--skip-cupti", "--ms", "130", "--kn", "256", "384"]
+    block_kernel.main(argv + ["--r", "2", "--reps", "1", "--calls", "1", "--json", str(path)])
+    (row,) = [r for r in json.loads(path.read_text()) if r["kind"] == "block"]
+    assert set(row["times"]) == {"ours_block", "xla_bf16"}
+    assert row["derived"]["tflops"]["ours_block"] > 0

@@ -10,7 +10,8 @@ pytest.importorskip("matplotlib", reason="the notebooks plot with matplotlib")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 # Per-cell limit; a whole notebook takes 3-15 s on a 2-core CPU, except 04 (SmolLM2-135M in three fp8
-# schemes): about 210 s in full, its longest cell about 80 s; the suite runs it quick (fewer tokens).
+# schemes): about 210 s in full, its longest cell about 80 s; the suite runs it quick (one scheme,
+# fewer tokens: about 65 s).
 CELL_TIMEOUT_S = 300
 QUICK = {"04_smollm2": {"W8A8_JAX_NOTEBOOK_QUICK": "1"}}
 

@@ -444,9 +444,9 @@ def _gemm_kernel(
                         blocks = [(wg_n0 + c * chunk) // tbs.PROMOTE_N for c in range(chunks)]
                         scales = tuple((row_scale * weight_block_scale(block), 0) for block in blocks)
                 a_tile, b_tile = a_smem.at[wg_m_slice], b_smem.at[wg_n_slice]
-                # Staggered warpgroups: on the SM's first k-step the second waits for the first's.
-                first_step = (loop_info.local_index == 0) & (indices[0] == 0)
                 if config.stagger_warpgroups:
+                    # On the SM's first k-step the second warpgroup waits for the first's.
+                    first_step = (loop_info.local_index == 0) & (indices[0] == 0)
                     pl.when(first_step & (wg == 1))(lambda: plgpu.barrier_wait(stagger_barrier))
                 if config.overlap_promotion:
                     scale = None if scales is None else scales[0][0]

@@ -376,9 +376,10 @@ def block_kernel_is_faster(m: int) -> bool:
 
 
 # Where the group quant kernel beats XLA's formula in `W8A8BlockFp8LinearOp.apply` (the H200, bf16
-# in; benchmarks/NOTES.md, "H200 v4"): at M >= 1024 it is 1.3-2.2x XLA's fusion alone and the
-# layer 1.04-1.09x; at M = 1 and 16 its launch and row padding cost the layer 2-20% (48.9 against
-# 58.7 us at 1 x 18432 x 7168). M = 65 .. 1023 is not measured.
+# in; benchmarks/NOTES.md, "H200 v4" and "H200 v7"): at M >= 1024 it is 1.3-2.2x XLA's fusion alone
+# and the layer 1.04-1.09x; at M = 128, 256 and 512 of K = 7168 it is 1.11x, 0.98x and 1.18x the
+# fusion alone; at M = 1 and 16 its launch and row padding cost the layer 2-20% (48.9 against
+# 58.7 us at 1 x 18432 x 7168).
 GROUP_QUANT_XLA_MAX_M = DECODE_M
 
 

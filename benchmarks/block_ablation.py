@@ -11,8 +11,6 @@ copy of the module, `EDITS`); an edited kernel's sums are wrong, so it is timed,
                          the 128x256 CTA promoted in 64-column chunks (`GemmConfig.promote_n`)
   wide_pw, wide_c64_pw   with the weight scales through the pipeline (`pipelined_weight_scales`)
   rowwise_narrow         the rowwise kernel on the 128x128 CTA
-  narrow_st, wide_st, rowwise_wide_st, rowwise_narrow_st
-                         with the consumer warpgroups staggered (`GemmConfig.stagger_warpgroups`)
   ..._k<S>               any of them with K split in S slices (`GemmConfig.k_splits`), e.g. narrow_k4
   +no_scales             promotion without the block scales (their slab still travels each stage)
   +row_scales_only       each chunk multiplied by its rows' activation scales only
@@ -59,19 +57,15 @@ SCHEDULES = {
     "rowwise_wide_c64": dataclasses.replace(tbs.DEFAULT_GEMM, promote_n=64),
     "wide_pw": dataclasses.replace(tbs.DEFAULT_GEMM, pipelined_weight_scales=True),
     "wide_c64_pw": dataclasses.replace(tbs.DEFAULT_GEMM, promote_n=64, pipelined_weight_scales=True),
-    "narrow_st": dataclasses.replace(tbs.NARROW_GEMM, stagger_warpgroups=True),
-    "wide_st": dataclasses.replace(tbs.DEFAULT_GEMM, stagger_warpgroups=True),
     "rowwise_narrow": tbs.NARROW_GEMM,
-    "rowwise_wide_st": dataclasses.replace(tbs.DEFAULT_GEMM, stagger_warpgroups=True),
-    "rowwise_narrow_st": dataclasses.replace(tbs.NARROW_GEMM, stagger_warpgroups=True),
 }
 _SCALE_PRODUCT = "scales = tuple((row_scale * weight_block_scale(block), 0) for block in blocks)"
 _ONES = "plgpu.layout_cast(jnp.ones((tile_m,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))"
 EDITS = {
     "no_scales": (
         (
-            "carry = _mma_step(carry, a_tile, b_tile, config.promote, scales)",
-            "carry = _mma_step(carry, a_tile, b_tile, config.promote, None)",
+            "return _mma_step(carry, a_tile, b_tile, config.promote, scales)",
+            "return _mma_step(carry, a_tile, b_tile, config.promote, None)",
         ),
     ),
     "row_scales_only": ((_SCALE_PRODUCT, "scales = tuple((row_scale, 0) for block in blocks)"),),

@@ -45,7 +45,7 @@ def test_variant_names():
     assert (config.cta_n, config.k_splits, edits) == (128, 4, ["no_scales", "producer_24"])
     assert block_ablation.parse_variant("wide_n")[0].wg_split == "n"
     assert block_ablation.parse_variant("wide_c64_pw")[0].promote_n == 64
-    assert block_ablation.parse_variant("narrow_st")[0].stagger_warpgroups
+    assert block_ablation.parse_variant("rowwise_narrow")[0] == block_ablation.parse_variant("narrow")[0]
     for bad in ("narrow_kx", "narrow_4", "tall"):
         with pytest.raises(ValueError, match="unknown variant"):
             block_ablation.parse_variant(bad)

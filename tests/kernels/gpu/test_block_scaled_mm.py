@@ -97,8 +97,6 @@ def test_interpret(key, m, k, n, with_bias, out_dtype):
         # 64-column chunks: two a weight block, each chunk its block's scale.
         dataclasses.replace(tbs.DEFAULT_GEMM, promote_n=64),
         tbs.GemmConfig(wg_split="n", tile_n=256, promote_n=64, pipelined_weight_scales=True),
-        # The second warpgroup waits for the first's first k-step.
-        dataclasses.replace(tbs.NARROW_GEMM, stagger_warpgroups=True),
     ],
     ids=str,
 )
@@ -289,7 +287,6 @@ def test_default_schedule_takes_the_narrow_cta(m, k, n):
         (1024, 7168, 24576, dataclasses.replace(tbs.DEFAULT_GEMM, pipelined_weight_scales=True)),
         (16, 7168, 2112, dataclasses.replace(tbs.DECODE_GEMM, tile_n=16, pipelined_weight_scales=True)),
         (1024, 7168, 24576, dataclasses.replace(tbs.DEFAULT_GEMM, promote_n=64)),
-        (1024, 7168, 24576, dataclasses.replace(tbs.NARROW_GEMM, stagger_warpgroups=True)),
     ],
     ids=str,
 )
@@ -335,11 +332,10 @@ def test_hopper(key, m, k, n, with_bias, out_dtype):
         (300, 4100, 2000, dataclasses.replace(tbs.NARROW_GEMM, pipelined_weight_scales=True)),
         (16, 7168, 2112, dataclasses.replace(tbs.DECODE_GEMM, tile_n=16, pipelined_weight_scales=True)),
         (1024, 7168, 24576, dataclasses.replace(tbs.DEFAULT_GEMM, promote_n=64, pipelined_weight_scales=True)),
-        (1024, 7168, 2112, dataclasses.replace(tbs.NARROW_GEMM, stagger_warpgroups=True)),
     ],
-    ids=["wide", "narrow_partial_blocks", "swapped", "wide_64_column_chunks", "narrow_staggered"],
+    ids=["wide", "narrow_partial_blocks", "swapped", "wide_64_column_chunks"],
 )
-def test_hopper_schedules(key, m, k, n, config):
+def test_hopper_pipelined_weight_scales(key, m, k, n, config):
     check(key, m, k, n, True, jnp.bfloat16, interpret=False, config=config)
 
 

@@ -87,14 +87,12 @@ def test_interpret_without_promotion_and_wide_n(key):
         tbs.GemmConfig(cluster="m", persistent_pipeline=True, stages=2),
         tbs.GemmConfig(tile_n=256, epi_tile_n=32, cluster="m", persistent_pipeline=True, stages=2),
         tbs.GemmConfig(tile_n=256, epi_tile_n=32, cluster="m", persistent_pipeline=True, stages=2, promote_n=64),
-        tbs.GemmConfig(cluster="m", persistent_pipeline=True, stages=2, stagger_warpgroups=True),
     ],
     ids=[
         "persistent",
         "cluster_persistent",
         "cluster_persistent_promoted_in_two_chunks",
         "cluster_persistent_promoted_in_four_chunks",
-        "cluster_persistent_staggered",
     ],
 )
 def test_interpret_pipeline_variants(key, config):

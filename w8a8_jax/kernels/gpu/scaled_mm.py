@@ -27,8 +27,6 @@ underfill the SMs (`tuned_block_sizes.default_config`), the third measured slowe
 - overlapped promotion (`overlap_promotion`): each k-block's `wgmma` runs into one of two
   accumulators while the previous k-block's is promoted, so no promotion waits for the tensor cores
   to drain (`_overlapped_step`).
-A fourth, `stagger_warpgroups`, sets the two consumer warpgroups half a k-step apart once, so
-that each one's promotion can run under the other's `wgmma`.
 """
 
 import functools
@@ -294,10 +292,9 @@ def _gemm_kernel(
         scale_b_smem=None if block_scales or raw else plgpu.SMEM((2, tile_n), jnp.float32),
         bias_smem=plgpu.SMEM((2, tile_n), jnp.float32) if has_bias else None,
         vector_barriers=plgpu.Barrier(num_barriers=6),
-        stagger_barrier=plgpu.Barrier(num_arrivals=1) if config.stagger_warpgroups else None,
         collective_axes="wg",
     )
-    def _scope(pipeline_allocs, out_smem, scale_a_smem, scale_b_smem, bias_smem, vector_barriers, stagger_barrier):
+    def _scope(pipeline_allocs, out_smem, scale_a_smem, scale_b_smem, bias_smem, vector_barriers):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((m_iters * n_iters * splits,), collective_axes="sm")
@@ -444,18 +441,10 @@ def _gemm_kernel(
                         blocks = [(wg_n0 + c * chunk) // tbs.PROMOTE_N for c in range(chunks)]
                         scales = tuple((row_scale * weight_block_scale(block), 0) for block in blocks)
                 a_tile, b_tile = a_smem.at[wg_m_slice], b_smem.at[wg_n_slice]
-                if config.stagger_warpgroups:
-                    # On the SM's first k-step the second warpgroup waits for the first's.
-                    first_step = (loop_info.local_index == 0) & (indices[0] == 0)
-                    pl.when(first_step & (wg == 1))(lambda: plgpu.barrier_wait(stagger_barrier))
                 if config.overlap_promotion:
                     scale = None if scales is None else scales[0][0]
-                    carry = _overlapped_step(carry, indices[0], accs, a_tile, b_tile, scale, scale_dim, interpret)
-                else:
-                    carry = _mma_step(carry, a_tile, b_tile, config.promote, scales)
-                if config.stagger_warpgroups:
-                    pl.when(first_step & (wg == 0))(lambda: plgpu.barrier_arrive(stagger_barrier))
-                return carry
+                    return _overlapped_step(carry, indices[0], accs, a_tile, b_tile, scale, scale_dim, interpret)
+                return _mma_step(carry, a_tile, b_tile, config.promote, scales)
 
             pipeline_state = None
             if config.persistent_pipeline:

@@ -77,10 +77,6 @@ class GemmConfig:
         thread on a 128x256 CTA at the cost of twice the `wgmma` instructions (each re-reads its
         A tile from shared memory). Measured on the H200 there: the rowwise kernel 6% slower, the
         block kernel 2x slower (benchmarks/NOTES.md, "H200 v6"); off by default.
-      stagger_warpgroups: the second consumer warpgroup starts the SM's first k-step once the first
-        has finished its own (one barrier a CTA), so that from then on each warpgroup's promotion
-        can run under the other's `wgmma`, where two that start together issue and promote in step
-        and leave the tensor cores idle while both promote.
     """
 
     tile_m: int = 64
@@ -100,7 +96,6 @@ class GemmConfig:
     swap_ab: bool = False
     pipelined_weight_scales: bool = False
     promote_n: int = PROMOTE_N
-    stagger_warpgroups: bool = False
 
     def __post_init__(self):
         if self.promote_n not in (64, PROMOTE_N) or self.tile_n % min(self.tile_n, self.promote_n):
